@@ -1,0 +1,1 @@
+"""Numba kernels: pure functions on NumPy arrays, callable from a user's own ``@njit`` code."""

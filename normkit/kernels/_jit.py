@@ -1,0 +1,35 @@
+"""The one place jit options live.
+
+Every kernel in ``normkit.kernels`` is decorated with :func:`jit` from here, so caching,
+threading and the floating-point policy are decided once:
+
+- ``cache=True``: a second process loads the machine code from ``__pycache__`` instead of
+  compiling again.
+- ``parallel``: only the drivers that split work over channels/rows (``prange``) ask for it;
+  each channel/row is reduced by one thread in a fixed order, so results do not depend on the
+  number of threads or on scheduling.
+- ``fastmath``: off by default. Reductions may opt in to ``{"reassoc"}`` only (never
+  ``nnan``/``ninf``: NaN must propagate); set ``NORMKIT_STRICT_FP=1`` to switch that off too.
+
+``NUMBA_DISABLE_JIT=1`` runs the whole package as plain Python (for coverage and debuggers).
+"""
+from __future__ import annotations
+
+import os
+
+import numba
+
+_STRICT_FP = os.environ.get("NORMKIT_STRICT_FP", "") not in ("", "0")
+
+#: Flags a reduction kernel may use; reassociation lets LLVM vectorize sums.
+REDUCTION_FASTMATH = frozenset() if _STRICT_FP else frozenset({"reassoc"})
+
+
+def jit(*, parallel: bool = False, reduction: bool = False, inline: bool = False):
+    """Decorator for normkit kernels: ``numba.njit`` with the package policy."""
+    options = dict(cache=True, nogil=True, parallel=parallel, error_model="numpy")
+    if reduction and REDUCTION_FASTMATH:
+        options["fastmath"] = set(REDUCTION_FASTMATH)
+    if inline:
+        options["inline"] = "always"
+    return numba.njit(**options)
