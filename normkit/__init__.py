@@ -1,2 +1,17 @@
-"""normkit: normalization layers compared — Numba kernels behind one interface."""
+"""normkit: normalization layers compared — Numba kernels behind one interface.
+
+    norm = normkit.make("batch", 64)
+    y = norm.forward(x, training=True)
+    dx = norm.backward(dy)
+
+The kernels under it are importable on their own: ``normkit.kernels.batch.forward_train`` etc.
+"""
+from .norms import (BatchNorm, BatchRenorm, GhostBatchNorm, GroupNorm, Identity, InstanceNorm,
+                    LayerNorm, Norm, RMSNorm, available, make, register)
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "make", "available", "register", "Norm", "BatchNorm", "GhostBatchNorm", "BatchRenorm",
+    "LayerNorm", "GroupNorm", "InstanceNorm", "RMSNorm", "Identity", "__version__",
+]

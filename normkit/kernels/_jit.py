@@ -16,6 +16,7 @@ threading and the floating-point policy are decided once:
 from __future__ import annotations
 
 import os
+import types
 
 import numba
 
@@ -33,3 +34,21 @@ def jit(*, parallel: bool = False, reduction: bool = False, inline: bool = False
     if inline:
         options["inline"] = "always"
     return numba.njit(**options)
+
+
+def serial_and_parallel(loop):
+    """Two compiled twins of one driver whose outer loop is ``prange``: (serial, parallel).
+
+    The serial twin runs on the calling thread (``prange`` acts as ``range``); callers pick it for
+    small inputs, where waking the thread pool costs more than the work. Each twin is compiled
+    from its own copy of the function under its own name, so their on-disk caches stay apart.
+    """
+    twins = []
+    for suffix, parallel in (("serial", False), ("parallel", True)):
+        clone = types.FunctionType(loop.__code__, loop.__globals__, f"{loop.__name__}_{suffix}",
+                                   loop.__defaults__, loop.__closure__)
+        clone.__qualname__ = f"{loop.__qualname__}_{suffix}"
+        clone.__module__ = loop.__module__
+        clone.__doc__ = loop.__doc__
+        twins.append(jit(parallel=parallel)(clone))
+    return tuple(twins)

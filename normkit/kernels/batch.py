@@ -1,0 +1,123 @@
+"""Batch norm and ghost batch norm kernels: statistics per channel over the batch and spatial axes.
+
+Layout as PyTorch: x is (N, C) or (N, C, *spatial), C-contiguous. Every function is a Numba
+``@njit`` function on plain arrays, callable from Python or from your own jitted code::
+
+    y, batch_mean, batch_var = batch.forward_train(x, gamma, beta, 1e-5)
+    dx, dgamma, dbeta = batch.backward(dy, x, gamma, batch_mean, batch_var, 1e-5)
+
+Statistics (mean, biased var) are float64 arrays of shape (C,); gamma and beta have the input's
+dtype and shape (C,); outputs have the input's dtype; dgamma/dbeta are float64. Nothing is
+validated here (the classes in ``normkit.norms`` do that) and nothing is mutated: running
+statistics come back as new arrays from :func:`running_update`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _core
+from ._jit import jit
+
+
+@jit()
+def _view(x):
+    """(N, C, *S) -> (N, C, 1, L): channels are the groups of the shared computation."""
+    N, C = x.shape[0], x.shape[1]
+    return x.reshape((N, C, 1, x.size // (N * C)))
+
+
+@jit()
+def forward_train(x, gamma, beta, eps):
+    """Normalize with the batch statistics: returns (y, batch_mean, batch_var), stats (C,).
+
+    y = (x - mean) / sqrt(var + eps) * gamma + beta, var biased, per channel over (N, *S).
+    """
+    C = x.shape[1]
+    y4, mean, var = _core.forward_train(_view(x), x.shape[0], gamma.reshape((C, 1)),
+                                        beta.reshape((C, 1)), eps, True)
+    return y4.reshape(x.shape), mean[0], var[0]
+
+
+@jit()
+def backward(dy, x, gamma, batch_mean, batch_var, eps):
+    """Gradient of :func:`forward_train`: returns (dx, dgamma, dbeta).
+
+    dx = inv_std * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dy * gamma,
+    means per channel over (N, *S); dgamma = sum(dy * xhat); dbeta = sum(dy).
+    """
+    C = x.shape[1]
+    dx4, dgamma2, dbeta2 = _core.backward(_view(dy), _view(x), x.shape[0], gamma.reshape((C, 1)),
+                                          batch_mean.reshape((1, C)), batch_var.reshape((1, C)),
+                                          eps, True)
+    return dx4.reshape(x.shape), dgamma2[:, 0].copy(), dbeta2[:, 0].copy()
+
+
+@jit()
+def _inv_std(var, eps):
+    inv_std = np.empty(var.size)               # (C,) float64
+    for c in range(var.size):
+        inv_std[c] = 1.0 / np.sqrt(np.float64(var[c]) + eps)
+    return inv_std
+
+
+@jit()
+def forward_eval(x, gamma, beta, running_mean, running_var, eps):
+    """Normalize with given (running) statistics: y = (x - mean) / sqrt(var + eps) * gamma + beta."""
+    C = x.shape[1]
+    mean = running_mean.astype(np.float64).reshape((1, C))
+    inv_std = _inv_std(running_var, eps).reshape((1, C))
+    y4 = _core.apply(_view(x), x.shape[0], mean, inv_std, gamma.reshape((C, 1)), beta.reshape((C, 1)))
+    return y4.reshape(x.shape)
+
+
+@jit()
+def backward_eval(dy, x, gamma, running_mean, running_var, eps):
+    """Gradient of :func:`forward_eval` (statistics held constant): returns (dx, dgamma, dbeta).
+
+    dx = dy * gamma / sqrt(var + eps); dgamma = sum(dy * xhat); dbeta = sum(dy).
+    """
+    C = x.shape[1]
+    dx4, dgamma2, dbeta2 = _core.backward_frozen(_view(dy), _view(x), gamma.reshape((C, 1)),
+                                                 running_mean.astype(np.float64),
+                                                 _inv_std(running_var, eps))
+    return dx4.reshape(x.shape), dgamma2[:, 0].copy(), dbeta2[:, 0].copy()
+
+
+@jit()
+def running_update(running_mean, running_var, batch_mean, batch_var, count, momentum):
+    """New running statistics (PyTorch's rule): returns (new_mean, new_var), running dtype.
+
+    new = (1 - momentum) * old + momentum * batch, where running_var receives the UNBIASED batch
+    variance batch_var * count / (count - 1) (count = values per channel). ``momentum`` is the
+    weight of the new batch (PyTorch's convention; Keras' 0.99 is PyTorch's 0.01); a cumulative
+    average is momentum = 1 / num_batches_tracked.
+    """
+    new_mean = np.empty_like(running_mean)
+    new_var = np.empty_like(running_var)
+    correction = count / (count - 1.0)
+    for c in range(running_mean.size):
+        new_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * batch_mean[c]
+        new_var[c] = (1.0 - momentum) * running_var[c] + momentum * batch_var[c] * correction
+    return new_mean, new_var
+
+
+@jit()
+def ghost_forward_train(x, gamma, beta, eps, virtual_batch_size):
+    """Batch norm on each virtual batch x[v*B:(v+1)*B] (B = virtual_batch_size divides N).
+
+    Returns (y, means, vars) with per-virtual-batch statistics (N // B, C), vars biased.
+    """
+    C = x.shape[1]
+    y4, means, variances = _core.forward_train(_view(x), virtual_batch_size, gamma.reshape((C, 1)),
+                                               beta.reshape((C, 1)), eps, True)
+    return y4.reshape(x.shape), means, variances
+
+
+@jit()
+def ghost_backward(dy, x, gamma, means, variances, eps, virtual_batch_size):
+    """Gradient of :func:`ghost_forward_train`: batch norm's backward per virtual batch;
+    dgamma and dbeta are summed over the virtual batches."""
+    C = x.shape[1]
+    dx4, dgamma2, dbeta2 = _core.backward(_view(dy), _view(x), virtual_batch_size,
+                                          gamma.reshape((C, 1)), means, variances, eps, True)
+    return dx4.reshape(x.shape), dgamma2[:, 0].copy(), dbeta2[:, 0].copy()
