@@ -3,7 +3,7 @@
     normkit list                          the studies in ./studies and the size of their grids
     normkit run STUDY [--quick] [--jobs N] [--scheduler ADDR|local] [--out DIR] [--rerun-failed]
     normkit table STUDY [--quick]         rewrite the tables and figures from runs.csv
-    normkit bench [ARGS...]               python benchmarks/kernels.py ARGS...
+    normkit bench [ARGS...]               runs benchmarks/kernels.py ARGS...
 
 Exit codes: 0 ok; 1 some runs failed (or a worker died, or a study's table/figure hook failed);
 2 the command could not start (usage, unknown or broken study, unreachable scheduler, unwritable
@@ -88,19 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("table", parents=[results, studies],
                         help="write a study's tables and figures from its runs.csv")
 
-    bench = commands.add_parser("bench", help="the kernel benchmark (benchmarks/kernels.py)")
-    bench.add_argument("--file", type=Path, default=Path("benchmarks/kernels.py"),
+    bench = commands.add_parser("bench", help="the kernel benchmark (benchmarks/kernels.py)",
+                                description="Run the benchmark script; other arguments are "
+                                            "passed on to it.")
+    bench.add_argument("--script", type=Path, default=Path("benchmarks/kernels.py"),
                        help="the benchmark script (default: benchmarks/kernels.py)")
-    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the benchmark")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, passed_on = parser.parse_known_args(argv)
+        if passed_on and args.command != "bench":
+            parser.error(f"unrecognized arguments: {' '.join(passed_on)}")
     except SystemExit as exit_:     # --help, --version, or a usage error (code 2)
         return int(exit_.code or 0)
+    args.passed_on = passed_on
     command = {"list": _list, "run": _run, "table": _table, "bench": _bench}[args.command]
     with _console_logging():
         try:
@@ -206,12 +210,12 @@ def _summarize(study: Study, directory: Path, quick: bool) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    if not args.file.is_file():
-        raise CommandError(f"no benchmark yet: {args.file} does not exist")
+    if not args.script.is_file():
+        raise CommandError(f"no benchmark yet: {args.script} does not exist")
     saved_argv = sys.argv
-    sys.argv = [str(args.file), *args.args]
+    sys.argv = [str(args.script), *args.passed_on]
     try:
-        runpy.run_path(str(args.file), run_name="__main__")
+        runpy.run_path(str(args.script), run_name="__main__")
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     finally:

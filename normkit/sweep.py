@@ -147,7 +147,8 @@ class Study:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*",
                                                               self.name):
-            raise ValueError(f"Study name must be letters, digits, '_', '.', '-', got {self.name!r}")
+            raise ValueError(f"Study name must be letters, digits, '_', '.', '-', "
+                             f"got {self.name!r}")
         if not (isinstance(self.config, type) and dataclasses.is_dataclass(self.config)):
             raise TypeError(f"Study config must be a dataclass type, got {self.config!r}")
         names = self.field_names
@@ -323,7 +324,7 @@ def _pin_numba_to_one_thread() -> None:
     # Pool workers get NUMBA_NUM_THREADS=1 in their environment; this covers Dask workers that
     # were started elsewhere (it applies to the calling thread only).
     numba = sys.modules.get("numba")
-    if numba is not None and numba.get_num_threads() != 1:
+    if hasattr(numba, "set_num_threads") and numba.get_num_threads() != 1:
         numba.set_num_threads(1)
 
 
@@ -380,11 +381,8 @@ class RunLog:
 
     def open(self) -> None:
         """Create the file or read it back: check the header, cut a torn last line."""
-        if not self.path.exists() or self.path.stat().st_size == 0:
-            self._write_atomically([])
-            return
-        data = self.path.read_bytes()
-        if not data.endswith(b"\n"):
+        data = self.path.read_bytes() if self.path.exists() else b""
+        if data and not data.endswith(b"\n"):
             cut = data.rfind(b"\n") + 1
             log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted write",
                         self.path, len(data) - cut)
@@ -392,8 +390,11 @@ class RunLog:
                 f.truncate(cut)
                 os.fsync(f.fileno())
             data = data[:cut]
+        if not data:
+            self._write_atomically([])
+            return
         lines = data.splitlines(keepends=True)
-        header = _parse_line(lines[0]) if lines else []
+        header = _parse_line(lines[0])
         if tuple(header) != self.columns:
             raise SweepError(
                 f"{self.path} has columns {header} but the study now writes {list(self.columns)}: "
@@ -419,7 +420,8 @@ class RunLog:
 
     def drop(self, keys: set[tuple[str, ...]]) -> None:
         """Remove the rows of these configs (temp file + atomic rename; other lines kept as is)."""
-        kept = [line for line in self.lines if tuple(_parse_line(line)[:self.key_width]) not in keys]
+        kept = [line for line in self.lines
+                if tuple(_parse_line(line)[:self.key_width]) not in keys]
         self._write_atomically(kept)
         self.lines = kept
         for key in keys:
@@ -493,8 +495,9 @@ def _prepare_dir(folder: Path) -> None:
 def git_revision(folder: str | os.PathLike | None = None) -> str:
     """``git rev-parse --short HEAD``, with ``-dirty`` if tracked files changed; else "unknown"."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(folder or "."), *args], capture_output=True,
-                              text=True, check=True, timeout=10).stdout.strip()
+        return subprocess.run(["git", "--no-optional-locks", "-C", str(folder or "."), *args],
+                              capture_output=True, text=True, check=True,
+                              timeout=10).stdout.strip()
     try:
         rev = git("rev-parse", "--short", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no")
@@ -700,10 +703,10 @@ def _collect(study: Study, futures: dict, provenance: dict, runs: RunLog, report
                     log.error("%s: the worker pool broke (%s); the runs not recorded yet are "
                               "left for the next sweep", study.name, exc)
                 continue
-            except Exception as exc:   # the executor, not run(), failed (e.g. Dask KilledWorker)
+            except Exception as exc:   # outside run(): importing the study, Dask KilledWorker
                 result = {"status": "failed", "metrics": {}, "traceback": "", "seconds": math.nan,
-                          "error": _one_line(f"{type(exc).__name__}: {exc} (raised by the "
-                                             "executor)"), "started_at": ""}
+                          "error": _one_line(f"{type(exc).__name__}: {exc} (outside run: in the "
+                                             "worker or the executor)"), "started_at": ""}
             _record(study, config, result, provenance, runs, report)
             bar.update()
             _log_run(report, config, result, shown_fields)
@@ -745,7 +748,8 @@ def _varying_fields(configs: list) -> list[str]:
 
 # ------------------------------------------------------------------------------------ summaries
 
-def read_runs(study: Study, directory: str | os.PathLike, *, quick: bool = False) -> tuple[Any, int]:
+def read_runs(study: Study, directory: str | os.PathLike, *,
+              quick: bool = False) -> tuple[Any, int]:
     """The grid's rows of runs.csv as a DataFrame (grid order), and how many rows were left out.
 
     Config columns carry the grid's Python values; metrics and ``seconds`` are floats (empty or
