@@ -20,6 +20,7 @@ A study is one script ``studies/<name>.py`` that defines a module-level ``STUDY`
 
     def tables(df):                     # optional: the default is one row per varying config
         return aggregate(df, rows="batch_size", cols="norm", value="accuracy")
+                                        # or {"title": DataFrame, ...}: a section each
 
     STUDY = Study(
         name="small_batch",             # must equal the file name
@@ -782,7 +783,11 @@ def read_runs(study: Study, directory: str | os.PathLike, *,
 
 
 def summarize(study: Study, directory: str | os.PathLike, *, quick: bool = False) -> list[Path]:
-    """Write table.md, table.csv (or table_<name>.csv per named table) and the study's figures."""
+    """Write table.md, table.csv and the study's figures (``<name>.png``); return their paths.
+
+    A ``tables`` hook returning ``{title: DataFrame}`` gets a section per title in table.md and
+    one ``table_<title>.csv`` each (the title with anything but letters, digits, ``_.-`` as ``_``).
+    """
     directory = Path(directory)
     frame, left_out = read_runs(study, directory, quick=quick)
     if frame.empty:
@@ -794,7 +799,8 @@ def summarize(study: Study, directory: str | os.PathLike, *, quick: bool = False
         named = {"": summary_table(frame, study, quick=quick)}
     written = []
     for name, table in named.items():
-        csv_path = directory / (f"table_{name}.csv" if name else "table.csv")
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.")
+        csv_path = directory / (f"table_{slug}.csv" if name else "table.csv")
         table.to_csv(csv_path, index=not isinstance(table.index, _range_index()))
         written.append(csv_path)
     markdown = _table_document(study, frame, named, left_out, quick)

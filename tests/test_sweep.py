@@ -405,6 +405,21 @@ def test_study_hooks_write_their_table_and_figure(tmp_path, quick_sweep):
     assert table.loc[4, "nan_loss"] == "— (2 div)" and table.loc[8, "fail"] == "— (2 failed)"
 
 
+def test_named_tables_get_a_section_and_a_csv_each(tmp_path, quick_sweep):
+    source, _ = quick_sweep
+    (tmp_path / "runs.csv").write_bytes((source / "runs.csv").read_bytes())
+    study = toy_variant(figures=None, tables=lambda df: {
+        "Loss by width": sweep.aggregate(df, "width", "mode", "loss"),
+        "score": sweep.aggregate(df, "mode", [], "score")})
+    written = sweep.summarize(study, tmp_path, quick=True)
+    assert [p.name for p in written] == ["table.md", "table_Loss_by_width.csv", "table_score.csv"]
+    markdown = (tmp_path / "table.md").read_text()
+    assert "\n## Loss by width\n\n| width | normal | nan_loss | fail |\n" in markdown
+    assert "\n## score\n\n| mode | score |\n" in markdown
+    scores = pd.read_csv(tmp_path / "table_score.csv", index_col="mode")["score"]
+    assert scores["nan_loss"] == "— (4 div)" and scores["fail"] == "— (4 failed)"
+
+
 def test_table_is_written_without_matplotlib(tmp_path, quick_sweep, monkeypatch, caplog):
     source, _ = quick_sweep
     (tmp_path / "runs.csv").write_bytes((source / "runs.csv").read_bytes())
