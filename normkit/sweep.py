@@ -46,7 +46,9 @@ A study is one script ``studies/<name>.py`` that defines a module-level ``STUDY`
   directory on ``sys.path`` (so ``from _common import ...`` finds ``studies/_common.py``; files
   starting with ``_`` are helpers, not studies). Import heavy packages (matplotlib) inside the
   hooks, not at the top of the script. Build figures with ``matplotlib.figure.Figure`` (see
-  ``line_plot``), not pyplot, so nothing depends on a display.
+  ``line_plot``), not pyplot, so nothing depends on a display. On a Dask cluster the workers
+  must have normkit installed and see the study script at the same path (a shared filesystem
+  or the same checkout in the same place); only the parent process writes results.
 
 Results
 =======
@@ -592,8 +594,8 @@ def _dask_client(jobs: int, scheduler: str, connect_timeout: float) -> Iterator[
         return
     try:
         client = Client(scheduler, timeout=connect_timeout)
-    except (OSError, TimeoutError, ValueError) as exc:
-        message = str(exc).split("\n")[0] or type(exc).__name__
+    except Exception as exc:   # refused, timed out, bad address, or not a Dask scheduler at all
+        message = _one_line(f"{type(exc).__name__}: {exc}")
         raise SweepError(f"cannot reach the Dask scheduler at {scheduler}: {message}") from None
     with client:
         yield client
