@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-EXTRAS ?= test,torch
+EXTRAS ?= test,torch,plots,dask
 
-.PHONY: install test clean
+.PHONY: install test clean quick studies bench
 
 install: $(STAMP)
 
@@ -20,3 +20,39 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+
+# --- studies: results are files, so make redoes only what changed -------------------------------
+# results/S/runs.csv depends on studies/S.py, and S's tables on its runs.csv; `make quick` uses the
+# quick grids (results/S/quick/...). `normkit run` resumes: it skips the configs already in
+# runs.csv, so a killed `make quick` continues where it stopped when run again. Options:
+# JOBS=N (local worker processes), SCHEDULER=tcp://host:8786 or SCHEDULER=local (Dask).
+NORMKIT  := $(PY) -m normkit
+STUDIES  := $(patsubst studies/%.py,%,$(filter-out studies/_%,$(wildcard studies/*.py)))
+RUN_ARGS := $(if $(JOBS),--jobs $(JOBS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
+NOTHING  := echo "no studies in studies/: nothing to run (studies/README.md says how to add one)"
+
+quick: $(STAMP) $(STUDIES:%=results/%/quick/table.md)
+	@$(if $(STUDIES),echo "tables written: $(filter %.md,$^)",$(NOTHING))
+
+studies: $(STAMP) $(STUDIES:%=results/%/table.md)
+	@$(if $(STUDIES),echo "tables written: $(filter %.md,$^)",$(NOTHING))
+
+# The study script changed: run its new configs and retry its failed ones. Exit code 1 (some runs
+# failed) is left for the table step to report, after it has written the table.
+results/%/quick/runs.csv: studies/%.py | $(STAMP)
+	$(NORMKIT) run $* --quick --rerun-failed --no-summary $(RUN_ARGS) || [ $$? -eq 1 ]
+results/%/runs.csv: studies/%.py | $(STAMP)
+	$(NORMKIT) run $* --rerun-failed --no-summary $(RUN_ARGS) || [ $$? -eq 1 ]
+
+# `normkit run`, not `normkit table`: it first finishes a sweep that was interrupted.
+results/%/quick/table.md: results/%/quick/runs.csv
+	$(NORMKIT) run $* --quick $(RUN_ARGS)
+results/%/table.md: results/%/runs.csv
+	$(NORMKIT) run $* $(RUN_ARGS)
+
+# Never delete a runs.csv: not as an intermediate file, not when make is interrupted.
+.PRECIOUS: results/%/runs.csv results/%/quick/runs.csv
+
+bench: $(STAMP)
+	@if [ -f benchmarks/kernels.py ]; then $(NORMKIT) bench; \
+	else echo "no benchmark yet (benchmarks/kernels.py)"; fi

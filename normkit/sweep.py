@@ -1,0 +1,980 @@
+"""A grid of runs: each finished run persisted at once, resumable, in parallel locally or on Dask.
+
+Writing a study
+===============
+A study is one script ``studies/<name>.py`` that defines a module-level ``STUDY``::
+
+    from dataclasses import dataclass
+    from normkit.sweep import Diverged, Study, aggregate
+
+    @dataclass(frozen=True)
+    class Config:                       # every field has a default; `seed` is required
+        norm: str = "batch"
+        batch_size: int = 32
+        lr: float = 0.1
+        seed: int = 0
+
+    def run(config: Config) -> dict[str, float]:
+        ...                             # train with config.seed; return the declared metrics
+        return {"loss": loss, "accuracy": accuracy}
+
+    def tables(df):                     # optional: the default is one row per varying config
+        return aggregate(df, rows="batch_size", cols="norm", value="accuracy")
+                                        # or {"title": DataFrame, ...}: a section each
+
+    STUDY = Study(
+        name="small_batch",             # must equal the file name
+        config=Config,
+        metrics=("loss", "accuracy"),   # the CSV columns; a run may return fewer, never others
+        grid_quick={"norm": ["batch", "group"], "batch_size": [2, 32], "seed": range(2)},
+        grid_full={"norm": ["batch", "group", "layer"], "batch_size": [2, 4, 8, 16, 32],
+                   "seed": range(5)},
+        run=run,
+        tables=tables,                  # optional
+        figures=None,                   # optional: df -> {"name": matplotlib Figure}
+    )
+
+- **Grid**: a dict ``{field: list of values}`` means the cartesian product (fields left out keep
+  the dataclass default); a list of such dicts is the union of their products (duplicates run
+  once). Config values are plain scalars: int, float, str, bool or None.
+- **Divergence**: raise ``Diverged(last_finite_metrics)`` from ``run``, or return the metrics with
+  ``"diverged": True``. A returned metric that is NaN or inf also marks the run diverged.
+  A diverged run is recorded, not raised; tables count it and leave it out of the means.
+- **Failure**: any other exception is recorded as ``failed`` with its message (the traceback goes
+  to ``errors.log`` next to ``runs.csv``) and the sweep goes on.
+- ``run`` executes in a worker process that imports the study file by its path, with the study's
+  directory on ``sys.path`` (so ``from _common import ...`` finds ``studies/_common.py``; files
+  starting with ``_`` are helpers, not studies). Import heavy packages (matplotlib) inside the
+  hooks, not at the top of the script. Build figures with ``matplotlib.figure.Figure`` (see
+  ``line_plot``), not pyplot, so nothing depends on a display. On a Dask cluster the workers
+  must have normkit installed and see the study script at the same path (a shared filesystem
+  or the same checkout in the same place); only the parent process writes results.
+
+Results
+=======
+``results/<study>/runs.csv`` (full grid) or ``results/<study>/quick/runs.csv`` (``--quick``):
+one header, then one line per finished run: the config fields, the declared metrics, ``status``
+(ok, diverged, failed), ``error``, ``seconds``, ``normkit_version``, ``git_rev``, ``started_at``.
+
+- The column set is fixed by the study (config fields + declared metrics), so rows of failed runs
+  (no metrics) or runs that return fewer metrics leave empty cells and the file stays one table.
+  If a study changes its fields or metrics, the old runs.csv is refused with a clear error
+  (move it away to start over) rather than mixed with new rows.
+- Only the parent process writes: each row is formatted as one line, written with a single
+  ``O_APPEND`` write and ``fsync``-ed before the next; error text is flattened to one line, so a
+  record is a physical line. A torn last line (a crash inside a write) is cut off when the file
+  is next opened. Rewrites (``--rerun-failed``) go through a temp file and an atomic rename and
+  copy the kept lines byte for byte.
+- Rows are keyed by the full config (every field, as written in the CSV). A finished run
+  (ok/diverged) is never run again; failed runs are retried only with ``rerun_failed``.
+  Changing a default or a grid value changes the key, so a stale row is never reused; rows that
+  are not in the current grid stay in the file and are left out of the tables.
+- A lock file keeps two sweeps from appending to the same runs.csv.
+
+Tables and figures: ``summarize`` reads runs.csv with pandas and writes ``table.md``, ``table.csv``
+and ``<name>.png`` per figure; mean ± std over seeds of the ok runs, with counts of diverged and
+failed runs.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import csv
+import dataclasses
+import datetime as dt
+import hashlib
+import importlib.util
+import io
+import itertools
+import logging
+import math
+import numbers
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Study", "Diverged", "SweepError", "SweepReport",
+    "expand_grid", "find_studies", "load_study", "results_dir",
+    "open_executor", "run_sweep", "read_runs", "summarize",
+    "aggregate", "summary_table", "markdown_table", "format_mean_std", "line_plot",
+]
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("ok", "diverged", "failed")
+DONE_STATUSES = ("ok", "diverged")
+PROVENANCE_COLUMNS = ("status", "error", "seconds", "normkit_version", "git_rev", "started_at")
+RESERVED_NAMES = frozenset(PROVENANCE_COLUMNS) | {"diverged"}
+MAX_ERROR_CHARS = 500
+
+GridSpec = Mapping[str, Iterable[Any]] | Sequence[Mapping[str, Iterable[Any]]]
+
+
+class SweepError(Exception):
+    """A sweep cannot start: bad study, unreadable results, unreachable scheduler, ... ."""
+
+
+class Diverged(Exception):
+    """Raised by a study's ``run`` when training diverged; carries the last finite metrics."""
+
+    def __init__(self, metrics: Mapping[str, float] | None = None, message: str = "diverged"):
+        super().__init__(message)
+        self.metrics = dict(metrics or {})
+
+
+# --------------------------------------------------------------------------------------- studies
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    """A config dataclass, two grids, ``run(config) -> metrics``, optional table/figure hooks."""
+
+    name: str
+    config: type
+    metrics: tuple[str, ...]
+    grid_quick: GridSpec
+    grid_full: GridSpec
+    run: Callable[[Any], Mapping[str, float]]
+    tables: Callable[[Any], Any] | None = None
+    figures: Callable[[Any], Mapping[str, Any]] | None = None
+    description: str = ""
+    source: Path | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*",
+                                                              self.name):
+            raise ValueError(f"Study name must be letters, digits, '_', '.', '-', "
+                             f"got {self.name!r}")
+        if not (isinstance(self.config, type) and dataclasses.is_dataclass(self.config)):
+            raise TypeError(f"Study config must be a dataclass type, got {self.config!r}")
+        names = self.field_names
+        if "seed" not in names:
+            raise ValueError(f"Study config {self.config.__name__} needs a `seed` field")
+        if isinstance(self.metrics, str):
+            raise TypeError("Study metrics must be a sequence of names, got one string "
+                            f"{self.metrics!r}; write ({self.metrics!r},)")
+        object.__setattr__(self, "metrics", tuple(self.metrics))
+        if not self.metrics:
+            raise ValueError("Study metrics must name at least one metric")
+        clashes = (set(self.metrics) & set(names)) | (set(self.metrics + names) & RESERVED_NAMES)
+        if clashes or len(set(self.metrics)) != len(self.metrics):
+            raise ValueError(f"Study metric and field names must be distinct and not reserved "
+                             f"({sorted(RESERVED_NAMES)}); offending: {sorted(clashes)}")
+        if not callable(self.run):
+            raise TypeError(f"Study run must be callable, got {self.run!r}")
+        for hook in ("tables", "figures"):
+            if getattr(self, hook) is not None and not callable(getattr(self, hook)):
+                raise TypeError(f"Study {hook} must be callable or None")
+        self.configs(quick=True)   # validates both grids now, not in the middle of a sweep
+        self.configs(quick=False)
+
+    @property
+    def field_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(self.config))
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The header of runs.csv."""
+        return self.field_names + self.metrics + PROVENANCE_COLUMNS
+
+    def grid(self, quick: bool) -> GridSpec:
+        return self.grid_quick if quick else self.grid_full
+
+    def configs(self, quick: bool) -> list[Any]:
+        """The grid's configs, in grid order, without duplicates."""
+        which = "grid_quick" if quick else "grid_full"
+        configs: dict[tuple[str, ...], Any] = {}
+        for fields in expand_grid(self.grid(quick), self.field_names, what=which):
+            try:
+                config = self.config(**fields)
+            except Exception as exc:
+                raise ValueError(f"{which} of study {self.name!r}: {self.config.__name__}"
+                                 f"(**{fields}) raised {type(exc).__name__}: {exc}") from exc
+            configs.setdefault(config_key(config), config)
+        return list(configs.values())
+
+
+def expand_grid(spec: GridSpec, field_names: Sequence[str], what: str = "grid") -> list[dict]:
+    """``{field: values}`` -> the cartesian product as dicts; a list of such dicts -> the union."""
+    parts = [spec] if isinstance(spec, Mapping) else spec
+    if isinstance(parts, (str, bytes)) or not isinstance(parts, Sequence) or not parts:
+        raise TypeError(f"{what} must be a dict of field -> values or a non-empty list of such "
+                        f"dicts, got {spec!r}")
+    expanded: list[dict] = []
+    for part in parts:
+        if not isinstance(part, Mapping):
+            raise TypeError(f"{what} must hold dicts of field -> values, got {part!r}")
+        unknown = set(part) - set(field_names)
+        if unknown:
+            raise ValueError(f"{what} names unknown config fields {sorted(unknown)}; "
+                             f"fields are {list(field_names)}")
+        axes = []
+        for name, values in part.items():
+            if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+                raise TypeError(f"{what}[{name!r}] must be a list of values, got {values!r}")
+            values = list(values)
+            if not values:
+                raise ValueError(f"{what}[{name!r}] is empty")
+            axes.append(values)
+        expanded += [dict(zip(part, combo)) for combo in itertools.product(*axes)]
+    return expanded
+
+
+def _cell(value: Any, what: str = "value") -> str:
+    """How a config value or metric is written in runs.csv (floats round-trip exactly)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        if "\n" in value or "\r" in value:
+            raise ValueError(f"{what} must not contain a line break: {value!r}")
+        return value
+    numpy = sys.modules.get("numpy")
+    if isinstance(value, bool) or (numpy is not None and isinstance(value, numpy.bool_)):
+        return str(bool(value))
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        return repr(float(value))
+    raise TypeError(f"{what} must be int, float, str, bool or None, got {type(value).__name__}")
+
+
+def config_fields(config: Any) -> dict[str, Any]:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def config_key(config: Any) -> tuple[str, ...]:
+    """The identity of a run: every config field as written in runs.csv."""
+    return tuple(_cell(v, f"config field {k!r}") for k, v in config_fields(config).items())
+
+
+# ------------------------------------------------------------------------------- loading studies
+
+_LOADED: dict[str, Study] = {}
+_LOAD_LOCK = threading.Lock()
+
+
+def find_studies(studies_dir: str | os.PathLike) -> dict[str, Path]:
+    """Study scripts in a folder: every ``*.py`` not starting with ``_``, by name."""
+    folder = Path(studies_dir)
+    if not folder.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(folder.glob("*.py")) if not p.name.startswith("_")}
+
+
+def load_study(path: str | os.PathLike) -> Study:
+    """Import a study script by file path (once per process) and return its ``STUDY``."""
+    path = Path(path).resolve()
+    with _LOAD_LOCK:
+        if str(path) not in _LOADED:
+            _LOADED[str(path)] = _import_study(path)
+        return _LOADED[str(path)]
+
+
+def _import_study(path: Path) -> Study:
+    if not path.is_file():
+        raise SweepError(f"no study script at {path}")
+    folder = str(path.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)   # sibling helpers (studies/_common.py) import by name
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+    module_name = f"_normkit_study_{path.stem.replace('-', '_')}_{digest}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module   # dataclasses look their module up while being built
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    study = getattr(module, "STUDY", None)
+    if not isinstance(study, Study):
+        raise SweepError(f"{path} defines no STUDY = normkit.sweep.Study(...)")
+    if study.name != path.stem:
+        raise SweepError(f"{path}: STUDY.name is {study.name!r} but the file is {path.name}; "
+                         "they must match")
+    description = study.description or (module.__doc__ or "").strip().split("\n")[0]
+    return dataclasses.replace(study, source=path, description=description)
+
+
+def results_dir(root: str | os.PathLike, study_name: str, quick: bool) -> Path:
+    """``<root>/<study>`` for the full grid, ``<root>/<study>/quick`` for the quick one."""
+    folder = Path(root) / study_name
+    return folder / "quick" if quick else folder
+
+
+# ------------------------------------------------------------------------------- one run (worker)
+
+def _run_one(study_ref: str | Study, fields: dict[str, Any]) -> dict[str, Any]:
+    """Execute one config in a worker; never raises for the study's errors."""
+    study = load_study(study_ref) if isinstance(study_ref, str) else study_ref
+    _pin_numba_to_one_thread()
+    config = study.config(**fields)
+    started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    start = time.perf_counter()
+    status, metrics, error, trace = _outcome(study, config)
+    return {"status": status, "metrics": metrics, "error": error, "traceback": trace,
+            "seconds": time.perf_counter() - start, "started_at": started_at}
+
+
+def _pin_numba_to_one_thread() -> None:
+    # Pool workers get NUMBA_NUM_THREADS=1 in their environment; this covers Dask workers that
+    # were started elsewhere (it applies to the calling thread only).
+    numba = sys.modules.get("numba")
+    if hasattr(numba, "set_num_threads") and numba.get_num_threads() != 1:
+        numba.set_num_threads(1)
+
+
+def _outcome(study: Study, config: Any) -> tuple[str, dict, str, str]:
+    """(status, metrics, one-line error, traceback) of ``study.run(config)``."""
+    try:
+        try:
+            returned = study.run(config)
+        except Diverged as exc:
+            return "diverged", _check_metrics(study, exc.metrics), "", ""
+        if not isinstance(returned, Mapping):
+            raise TypeError(f"run returned {type(returned).__name__}, expected a dict of metrics")
+        returned = dict(returned)
+        flagged = bool(returned.pop("diverged", False))
+        metrics = _check_metrics(study, returned)
+    except Exception as exc:
+        return "failed", {}, _one_line(f"{type(exc).__name__}: {exc}"), traceback.format_exc()
+    finite = all(math.isfinite(v) for v in metrics.values())
+    return ("diverged" if flagged or not finite else "ok"), metrics, "", ""
+
+
+def _check_metrics(study: Study, metrics: Mapping[str, Any]) -> dict[str, int | float]:
+    undeclared = set(metrics) - set(study.metrics)
+    if undeclared:
+        raise ValueError(f"run returned undeclared metrics {sorted(undeclared)}; "
+                         f"the study declares {list(study.metrics)}")
+    checked = {}
+    for name, value in metrics.items():
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            checked[name] = int(value)
+        elif isinstance(value, numbers.Real):
+            checked[name] = float(value)
+        else:
+            raise TypeError(f"metric {name!r} must be a real number, got {value!r}")
+    return checked
+
+
+def _one_line(text: str) -> str:
+    flat = " | ".join(line.strip() for line in text.splitlines() if line.strip())
+    return flat if len(flat) <= MAX_ERROR_CHARS else flat[:MAX_ERROR_CHARS - 1] + "…"
+
+
+# -------------------------------------------------------------------------------------- runs.csv
+
+class RunLog:
+    """runs.csv: a fixed header, then one whole, fsync-ed line per finished run (parent only)."""
+
+    def __init__(self, path: Path, columns: Sequence[str], key_columns: Sequence[str]):
+        self.path = Path(path)
+        self.columns = tuple(columns)
+        self.key_width = len(key_columns)
+        self.lines: list[bytes] = []            # data lines as on disk, with their b"\n"
+        self.status: dict[tuple[str, ...], str] = {}
+
+    def open(self) -> None:
+        """Create the file or read it back: check the header, cut a torn last line."""
+        data = self.path.read_bytes() if self.path.exists() else b""
+        if data and not data.endswith(b"\n"):
+            cut = data.rfind(b"\n") + 1
+            log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted write",
+                        self.path, len(data) - cut)
+            with open(self.path, "r+b") as f:
+                f.truncate(cut)
+                os.fsync(f.fileno())
+            data = data[:cut]
+        if not data:
+            self._write_atomically([])
+            return
+        lines = data.splitlines(keepends=True)
+        header = _parse_line(lines[0])
+        if tuple(header) != self.columns:
+            raise SweepError(
+                f"{self.path} has columns {header} but the study now writes {list(self.columns)}: "
+                "its config fields or metrics changed. Move the old file away to start over.")
+        for number, line in enumerate(lines[1:], start=2):
+            cells = _parse_line(line)
+            if len(cells) != len(self.columns):
+                raise SweepError(f"{self.path}, line {number}: {len(cells)} fields, expected "
+                                 f"{len(self.columns)}; fix or remove that line")
+            self.lines.append(line)
+            self.status[tuple(cells[:self.key_width])] = cells[self.columns.index("status")]
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        line = _format_line([row.get(c) for c in self.columns])
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        try:
+            _write_all(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.lines.append(line)
+        self.status[tuple(_parse_line(line)[:self.key_width])] = row["status"]
+
+    def drop(self, keys: set[tuple[str, ...]]) -> None:
+        """Remove the rows of these configs (temp file + atomic rename; other lines kept as is)."""
+        kept = [line for line in self.lines
+                if tuple(_parse_line(line)[:self.key_width]) not in keys]
+        self._write_atomically(kept)
+        self.lines = kept
+        for key in keys:
+            self.status.pop(key, None)
+
+    def _write_atomically(self, lines: list[bytes]) -> None:
+        temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with open(temp, "wb") as f:
+            f.write(_format_line(self.columns))
+            f.writelines(lines)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, self.path)
+        _fsync_dir(self.path.parent)
+
+
+def _format_line(values: Sequence[Any]) -> bytes:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(
+        "" if v is None else v if isinstance(v, str) else _cell(v) for v in values)
+    return buffer.getvalue().encode("utf-8")
+
+
+def _parse_line(line: bytes) -> list[str]:
+    return next(csv.reader([line.decode("utf-8").rstrip("\n")]), [])
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):   # not every platform lets a directory be fsync-ed
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _exclusive(folder: Path) -> Iterator[None]:
+    """Hold ``folder/.lock`` for the sweep; the OS releases it if the process dies."""
+    try:
+        import fcntl
+    except ImportError:            # no flock (Windows): no protection against a second sweep
+        yield
+        return
+    with open(folder / ".lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SweepError(f"another sweep is writing to {folder} right now") from None
+        yield
+
+
+def _prepare_dir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise SweepError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+
+
+# ------------------------------------------------------------------------------------ provenance
+
+def git_revision(folder: str | os.PathLike | None = None) -> str:
+    """``git rev-parse --short HEAD``, with ``-dirty`` if tracked files changed; else "unknown"."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "--no-optional-locks", "-C", str(folder or "."), *args],
+                              capture_output=True, text=True, check=True,
+                              timeout=10).stdout.strip()
+    try:
+        rev = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return rev + ("-dirty" if dirty else "")
+
+
+def _normkit_version() -> str:
+    from normkit import __version__
+    return __version__
+
+
+# ---------------------------------------------------------------------------------- executors
+
+def default_jobs() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+_WORKER_ENV = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+               "MKL_NUM_THREADS": "1"}
+
+
+@contextlib.contextmanager
+def _worker_environment() -> Iterator[None]:
+    """Single-threaded numerics in every worker started while this is active."""
+    saved = {name: os.environ.get(name) for name in _WORKER_ENV}
+    os.environ.update(_WORKER_ENV)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
+def open_executor(jobs: int | None = None, scheduler: str | None = None,
+                  connect_timeout: float = 10.0) -> Iterator[cf.Executor]:
+    """A ``concurrent.futures`` executor: local processes, or a Dask cluster's.
+
+    scheduler: None -> ``ProcessPoolExecutor(jobs)`` (spawned workers); "local" -> a new Dask
+    ``LocalCluster`` with ``jobs`` single-threaded workers; an address -> that Dask scheduler
+    (``jobs`` is then ignored: the cluster has the workers it has).
+    """
+    jobs = default_jobs() if jobs is None else jobs
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
+    with _worker_environment():
+        if scheduler is None:
+            import multiprocessing
+            pool = cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+            with _shut_down(pool):
+                yield pool
+            return
+        with _dask_client(jobs, scheduler, connect_timeout) as client:
+            executor = client.get_executor(pure=False)
+            with _shut_down(executor):
+                yield executor
+
+
+@contextlib.contextmanager
+def _shut_down(executor: cf.Executor) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            if isinstance(executor, cf.ProcessPoolExecutor):
+                executor.shutdown(wait=False, cancel_futures=True)
+            else:
+                executor.shutdown(wait=False)
+        raise
+    executor.shutdown(wait=True)
+
+
+@contextlib.contextmanager
+def _dask_client(jobs: int, scheduler: str, connect_timeout: float) -> Iterator[Any]:
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise SweepError("--scheduler needs Dask: pip install 'normkit[dask]'") from None
+    if scheduler == "local":
+        with LocalCluster(n_workers=jobs, threads_per_worker=1, dashboard_address=None,
+                          processes=True) as cluster, Client(cluster) as client:
+            yield client
+        return
+    try:
+        client = Client(scheduler, timeout=connect_timeout)
+    except Exception as exc:   # refused, timed out, bad address, or not a Dask scheduler at all
+        message = _one_line(f"{type(exc).__name__}: {exc}")
+        raise SweepError(f"cannot reach the Dask scheduler at {scheduler}: {message}") from None
+    with client:
+        yield client
+
+
+# ------------------------------------------------------------------------------------- the sweep
+
+@dataclasses.dataclass
+class SweepReport:
+    """What a sweep did; ``exit_code`` is 1 if any run of the grid failed or was left undone."""
+
+    study: str
+    directory: Path
+    total: int                 # configs in the grid
+    skipped: int               # already finished (ok/diverged) or failed without --rerun-failed
+    ran: int = 0
+    ok: int = 0
+    diverged: int = 0
+    failed: int = 0            # failed runs of the grid in runs.csv, from this sweep or before
+    not_done: int = 0          # lost to a crashed worker pool; rerun to retry
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed or self.not_done else 0
+
+    def summary(self) -> str:
+        text = (f"{self.study}: {self.total} runs in the grid, {self.skipped} already recorded, "
+                f"{self.ran} ran now ({self.ok} ok, {self.diverged} diverged); "
+                f"{self.failed} failed in {self.directory / 'runs.csv'}")
+        if self.failed:
+            text += " (retry them with --rerun-failed)"
+        if self.not_done:
+            text += f"; {self.not_done} not done (a worker process died; rerun to resume)"
+        return text
+
+
+def run_sweep(study: Study, directory: str | os.PathLike, executor: cf.Executor | None = None,
+              *, quick: bool = False, rerun_failed: bool = False, jobs: int | None = None,
+              scheduler: str | None = None, connect_timeout: float = 10.0,
+              progress: bool | None = None) -> SweepReport:
+    """Run the grid's unfinished configs, appending each result to ``directory/runs.csv``.
+
+    executor: any ``concurrent.futures`` executor; if None, ``open_executor(jobs, scheduler)``
+    is opened only when there is something to run. progress: the tqdm bar; None -> only on a
+    terminal. Local workers are spawned: a script that calls this needs the usual
+    ``if __name__ == "__main__":`` guard.
+    """
+    directory = Path(directory)
+    _prepare_dir(directory)
+    configs = study.configs(quick)
+    with _exclusive(directory):
+        runs = RunLog(directory / "runs.csv", study.columns, study.field_names)
+        runs.open()
+        keys = [config_key(c) for c in configs]
+        if rerun_failed:
+            retry = {k for k in keys if runs.status.get(k, "ok") not in DONE_STATUSES}
+            if retry:
+                log.info("%s: retrying %d failed runs", study.name, len(retry))
+                runs.drop(retry)
+        todo = [c for c, k in zip(configs, keys) if k not in runs.status]
+        report = SweepReport(study.name, directory, total=len(configs),
+                             skipped=len(configs) - len(todo))
+        if todo:
+            shown_fields = _varying_fields(configs) or ["seed"]
+            with contextlib.ExitStack() as stack:
+                if executor is None:
+                    executor = stack.enter_context(open_executor(jobs, scheduler,
+                                                                 connect_timeout))
+                _execute(study, todo, runs, executor, report, progress, shown_fields)
+        report.failed = sum(runs.status.get(k) not in (None, *DONE_STATUSES) for k in keys)
+        if not report.not_done:
+            os.utime(runs.path)   # "checked against the current grid now" (for make)
+    return report
+
+
+def _execute(study: Study, todo: list, runs: RunLog, executor: cf.Executor,
+             report: SweepReport, progress: bool | None, shown_fields: list[str]) -> None:
+    ref = str(study.source) if study.source else study
+    provenance = {"normkit_version": _normkit_version(),
+                  "git_rev": git_revision(study.source.parent if study.source else None)}
+    futures = {executor.submit(_run_one, ref, config_fields(c)): c for c in todo}
+    try:
+        _collect(study, futures, provenance, runs, report, progress, shown_fields)
+    except BaseException:             # KeyboardInterrupt: runs in flight are not recorded
+        for future in futures:
+            future.cancel()
+        raise
+
+
+def _collect(study: Study, futures: dict, provenance: dict, runs: RunLog, report: SweepReport,
+             progress: bool | None, shown_fields: list[str]) -> None:
+    """Record each run the moment its future completes."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=report.total, initial=report.skipped, unit="run", desc=study.name,
+               disable=None if progress is None else not progress, file=sys.stderr)
+    with bar:
+        for future in cf.as_completed(futures):
+            config = futures[future]
+            if future.cancelled():
+                report.not_done += 1
+                continue
+            try:
+                result = future.result()
+            except cf.BrokenExecutor as exc:
+                report.not_done += 1
+                if report.not_done == 1:
+                    log.error("%s: the worker pool broke (%s); the runs not recorded yet are "
+                              "left for the next sweep", study.name, exc)
+                continue
+            except Exception as exc:   # outside run(): importing the study, Dask KilledWorker
+                result = {"status": "failed", "metrics": {}, "traceback": "", "seconds": math.nan,
+                          "error": _one_line(f"{type(exc).__name__}: {exc} (outside run: in the "
+                                             "worker or the executor)"), "started_at": ""}
+            _record(study, config, result, provenance, runs, report)
+            bar.update()
+            _log_run(report, config, result, shown_fields)
+
+
+def _record(study: Study, config: Any, result: dict, provenance: dict, runs: RunLog,
+            report: SweepReport) -> None:
+    row = {**config_fields(config), **result["metrics"], **provenance,
+           "status": result["status"], "error": result["error"],
+           "seconds": round(result["seconds"], 4), "started_at": result["started_at"]}
+    runs.append(row)
+    report.ran += 1
+    if result["status"] in ("ok", "diverged"):
+        setattr(report, result["status"], getattr(report, result["status"]) + 1)
+    if result["traceback"]:
+        stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        with open(runs.path.with_name("errors.log"), "a", encoding="utf-8") as f:
+            f.write(f"--- {stamp} {study.name} {config!r}\n{result['traceback']}\n")
+
+
+def _log_run(report: SweepReport, config: Any, result: dict, shown: list[str]) -> None:
+    fields = " ".join(f"{name}={getattr(config, name)}" for name in shown)
+    if result["status"] == "failed":
+        detail = result["error"]
+    else:
+        detail = " ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items())
+    finished = report.skipped + report.ran
+    log.info("[%*d/%d] %-8s %6.2fs  %s | %s", len(str(report.total)), finished, report.total,
+             result["status"], result["seconds"], fields, detail)
+
+
+def _varying_fields(configs: list) -> list[str]:
+    """The config fields that take more than one value in these configs."""
+    if not configs:
+        return []
+    names = [f.name for f in dataclasses.fields(configs[0])]
+    return [n for n in names if len({_cell(getattr(c, n)) for c in configs}) > 1]
+
+
+# ------------------------------------------------------------------------------------ summaries
+
+def read_runs(study: Study, directory: str | os.PathLike, *,
+              quick: bool = False) -> tuple[Any, int]:
+    """The grid's rows of runs.csv as a DataFrame (grid order), and how many rows were left out.
+
+    Config columns carry the grid's Python values; metrics and ``seconds`` are floats (empty or
+    "nan" -> NaN); the latest row of a config wins. Rows of configs not in the grid are left out.
+    """
+    import pandas as pd
+
+    path = Path(directory) / "runs.csv"
+    if not path.exists():
+        raise SweepError(f"no runs yet for study {study.name!r}: {path} does not exist")
+    raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if tuple(raw.columns) != study.columns:
+        raise SweepError(f"{path} has columns {list(raw.columns)} but the study writes "
+                         f"{list(study.columns)}: its config fields or metrics changed")
+    grid = {config_key(c): (i, c) for i, c in enumerate(study.configs(quick))}
+    keys = list(zip(*(raw[name] for name in study.field_names))) if len(raw) else []
+    position = pd.Series([grid[k][0] if k in grid else -1 for k in keys], index=raw.index,
+                         dtype="int64")
+    kept = raw[position >= 0].assign(_position=position[position >= 0])
+    kept = kept.drop_duplicates("_position", keep="last").sort_values("_position")
+    configs = [grid_config for _, grid_config in sorted(grid.values(), key=lambda p: p[0])]
+    frame = pd.DataFrame([config_fields(configs[i]) for i in kept["_position"]],
+                         columns=list(study.field_names))
+    for name in (*study.metrics, "seconds"):
+        frame[name] = pd.to_numeric(kept[name], errors="coerce").to_numpy(dtype=float)
+    for name in PROVENANCE_COLUMNS:
+        if name != "seconds":
+            frame[name] = kept[name].to_numpy()
+    return frame[list(study.columns)], int((position < 0).sum())
+
+
+def summarize(study: Study, directory: str | os.PathLike, *, quick: bool = False) -> list[Path]:
+    """Write table.md, table.csv and the study's figures (``<name>.png``); return their paths.
+
+    A ``tables`` hook returning ``{title: DataFrame}`` gets a section per title in table.md and
+    one ``table_<title>.csv`` each (the title with anything but letters, digits, ``_.-`` as ``_``).
+    """
+    directory = Path(directory)
+    frame, left_out = read_runs(study, directory, quick=quick)
+    if frame.empty:
+        named = {}
+    elif study.tables:
+        tables = study.tables(frame)
+        named = tables if isinstance(tables, Mapping) else {"": tables}
+    else:
+        named = {"": summary_table(frame, study, quick=quick)}
+    written = []
+    for name, table in named.items():
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.")
+        csv_path = directory / (f"table_{slug}.csv" if name else "table.csv")
+        table.to_csv(csv_path, index=not isinstance(table.index, _range_index()))
+        written.append(csv_path)
+    markdown = _table_document(study, frame, named, left_out, quick)
+    md_path = directory / "table.md"
+    _replace_text(md_path, markdown)
+    written.insert(0, md_path)
+    if not frame.empty:
+        written += _write_figures(study, frame, directory)
+    return written
+
+
+def _range_index() -> type:
+    import pandas as pd
+    return pd.RangeIndex
+
+
+def _table_document(study: Study, frame: Any, tables: Mapping[str, Any], left_out: int,
+                    quick: bool) -> str:
+    counts = frame["status"].value_counts()
+    grid_size = len(study.configs(quick))
+    status = ", ".join(f"{counts.get(s, 0)} {s}" for s in STATUSES)
+    lines = [f"# {study.name} ({'quick' if quick else 'full'} grid)", ""]
+    if study.description:
+        lines += [study.description, ""]
+    lines += [f"{len(frame)} of {grid_size} runs recorded: {status}.  ",
+              f"normkit {', '.join(sorted(set(frame['normkit_version']))) or '-'}, "
+              f"git {', '.join(sorted(set(frame['git_rev']))) or '-'}.  ",
+              "Mean ± std over seeds of the ok runs; diverged and failed runs are counted, "
+              "not averaged."]
+    fixed = _fixed_fields(study, quick)
+    if fixed:
+        lines[-1] += "  \nFixed: " + ", ".join(f"{k}={v}" for k, v in fixed.items()) + "."
+    if left_out:
+        lines += ["", f"({left_out} rows of runs.csv are not in the current grid and are left "
+                      "out.)"]
+    for name, table in tables.items():
+        lines += [""] + ([f"## {name}", ""] if name else []) + [markdown_table(table)]
+    return "\n".join(lines) + "\n"
+
+
+def _fixed_fields(study: Study, quick: bool) -> dict[str, Any]:
+    configs = study.configs(quick)
+    varying = set(_varying_fields(configs))
+    return {k: v for k, v in config_fields(configs[0]).items() if k not in varying | {"seed"}}
+
+
+def _replace_text(path: Path, text: str) -> None:
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp.write_text(text, encoding="utf-8")
+    os.replace(temp, path)
+
+
+def _write_figures(study: Study, frame: Any, directory: Path) -> list[Path]:
+    if study.figures is None:
+        return []
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("%s: figures skipped: matplotlib is not installed "
+                    "(pip install 'normkit[plots]')", study.name)
+        return []
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
+    written = []
+    for name, figure in study.figures(frame).items():
+        path = directory / f"{name}.png"
+        figure.savefig(path, dpi=120, bbox_inches="tight")
+        written.append(path)
+        if "matplotlib.pyplot" in sys.modules:
+            sys.modules["matplotlib.pyplot"].close(figure)
+    return written
+
+
+# ---------------------------------------------------------------------------- table helpers
+
+def format_mean_std(mean: float, std: float, digits: int = 4) -> str:
+    """``"0.9123 ± 0.0041"``; just the mean if std is NaN (one seed); "—" if there is no mean."""
+    if mean is None or math.isnan(mean):
+        return "—"
+    if std is None or math.isnan(std):
+        return f"{mean:.{digits}g}"
+    return f"{mean:.{digits}g} ± {std:.2g}"
+
+
+def _group_stats(frame: Any, by: list[str], metrics: Sequence[str]) -> Any:
+    """Per group: mean and std (ddof=1) of each metric over ok runs; counts of each status."""
+    ok = frame["status"] == "ok"
+    values = frame[list(metrics)].where(ok, other=math.nan)
+    parts = {"ok": ok, "diverged": frame["status"] == "diverged",
+             "failed": frame["status"] == "failed"}
+    work = values.assign(**{f"_{k}": v for k, v in parts.items()}, **{c: frame[c] for c in by})
+    grouped = work.groupby(by, sort=False, dropna=False) if by else work.groupby(
+        lambda _: "all", sort=False)
+    stats = grouped[list(metrics)].agg(["mean", "std"])
+    stats.columns = [f"{m}_{s}" for m, s in stats.columns]
+    counts = grouped[[f"_{k}" for k in parts]].sum().astype(int)
+    counts.columns = list(parts)
+    return stats.join(counts)
+
+
+def summary_table(frame: Any, study: Study, *, quick: bool = False) -> Any:
+    """The default table: one row per combination of the grid's varying non-seed fields."""
+    by = [n for n in _varying_fields(study.configs(quick)) if n != "seed"]
+    stats = _group_stats(frame, by, study.metrics)
+    return stats.reset_index() if by else stats.reset_index(drop=True)
+
+
+def aggregate(frame: Any, rows: str | Sequence[str], cols: str | Sequence[str], value: str,
+              digits: int = 4) -> Any:
+    """Pivot of ``value``: mean ± std over the ok runs of each (rows, cols) cell, as strings.
+
+    A cell with diverged or failed runs says how many, e.g. ``"0.91 ± 0.01 (2 div)"``.
+    """
+    rows = [rows] if isinstance(rows, str) else list(rows)
+    cols = [cols] if isinstance(cols, str) else list(cols)
+    stats = _group_stats(frame, rows + cols, [value])
+
+    def cell(r: Any) -> str:
+        text = format_mean_std(r[f"{value}_mean"], r[f"{value}_std"], digits)
+        diverged, failed = int(r["diverged"]), int(r["failed"])
+        notes = [f"{diverged} div"] * bool(diverged) + [f"{failed} failed"] * bool(failed)
+        return text + (f" ({', '.join(notes)})" if notes else "")
+
+    cells = stats.apply(cell, axis=1)
+    table = cells.unstack(cols) if cols else cells.to_frame(value)
+    return table.fillna("—")
+
+
+def markdown_table(table: Any) -> str:
+    """A DataFrame as a GitHub markdown table (a named or multi-level index becomes columns)."""
+    import pandas as pd
+
+    if not isinstance(table.index, pd.RangeIndex) or table.index.name is not None:
+        table = table.reset_index()
+    header = [" · ".join(map(str, c)) if isinstance(c, tuple) else str(c) for c in table.columns]
+    body = [[_markdown_cell(v) for v in row] for row in table.itertuples(index=False)]
+    numeric = [pd.api.types.is_numeric_dtype(t) for t in table.dtypes]
+    rule = ["---:" if n else "---" for n in numeric]
+    return "\n".join("| " + " | ".join(r) + " |" for r in [header, rule, *body])
+
+
+def _markdown_cell(value: Any) -> str:
+    if isinstance(value, float):
+        text = "—" if math.isnan(value) else f"{value:.4g}"
+    else:
+        text = str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def line_plot(frame: Any, x: str, y: str, hue: str | None = None, *, logx: bool = False,
+              title: str | None = None) -> Any:
+    """A matplotlib Figure: mean of ``y`` over the ok runs against ``x``, ± std band, per ``hue``.
+
+    Built without pyplot (no display needed); return it from a study's ``figures`` hook.
+    """
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5, 3.5))
+    axes = figure.add_subplot()
+    groups = frame.groupby(hue, sort=False) if hue else [(None, frame)]
+    for label, part in groups:
+        stats = _group_stats(part, [x], [y]).sort_index()
+        mean, std = stats[f"{y}_mean"], stats[f"{y}_std"].fillna(0.0)
+        axes.plot(stats.index, mean, marker="o", label=None if hue is None else str(label))
+        axes.fill_between(stats.index, mean - std, mean + std, alpha=0.2)
+    if logx:
+        axes.set_xscale("log", base=2)
+    axes.set_xlabel(x)
+    axes.set_ylabel(y)
+    if hue:
+        axes.legend(title=hue)
+    if title:
+        axes.set_title(title)
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,230 @@
+"""The `normkit` command: each subcommand, each error message, each exit code."""
+from __future__ import annotations
+
+import csv
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from normkit import __version__
+from normkit.cli import main
+
+FIXTURE = Path(__file__).parent / "studies_fixture"
+REPO = Path(__file__).parent.parent
+STUDIES = ["--studies-dir", str(FIXTURE)]
+
+BROKEN_STUDY = "raise RuntimeError('broken on purpose')\n"
+HOOK_FAILS = '''
+from dataclasses import dataclass
+from normkit.sweep import Study
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+
+def run(config):
+    return {"loss": float(config.seed)}
+
+def tables(df):
+    raise KeyError("no such column")
+
+STUDY = Study(name="hookfails", config=Config, metrics=("loss",), grid_quick={"seed": [0, 1]},
+              grid_full={"seed": [0, 1]}, run=run, tables=tables)
+'''
+
+
+def normkit(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_list_shows_each_study_and_its_grids(capsys):
+    code, out, _ = normkit(capsys, "list", *STUDIES)
+    assert code == 0
+    assert out.splitlines() == [
+        "toy  Toy study for the sweep runner's tests: seeded random metrics, some runs diverge "
+        "or fail.",
+        "  quick   12 runs  mode=[normal, nan_loss, fail] x width=[4, 8] x seed=[0, 1]",
+        "  full    22 runs  width=[2, 4, 8, 16] x seed=[0, 1, 2, 3, 4] + shift=[1.0] x seed=[0, 1]",
+    ]
+
+
+def test_list_without_studies_says_so(capsys, tmp_path):
+    code, out, _ = normkit(capsys, "list", "--studies-dir", tmp_path)
+    assert (code, out) == (0, f"no studies in {tmp_path}/ (studies/README.md says how to add "
+                               "one)\n")
+
+
+def test_list_reports_a_broken_study(capsys, tmp_path):
+    (tmp_path / "broken.py").write_text(BROKEN_STUDY)
+    code, out, err = normkit(capsys, "list", "--studies-dir", tmp_path)
+    assert code == 2
+    assert out == (f"broken  ERROR: study script {tmp_path / 'broken.py'} failed to import: "
+                   "RuntimeError: broken on purpose\n")
+    assert "Traceback" in err
+
+
+def test_run_quick_records_failures_writes_the_table_and_exits_1(capsys, tmp_path):
+    code, out, err = normkit(capsys, "run", "toy", "--quick", "--jobs", 2, "--out", tmp_path,
+                             *STUDIES)
+    folder = tmp_path / "toy" / "quick"
+    assert code == 1
+    assert out.splitlines() == [
+        f"toy: 12 runs in the grid, 0 already recorded, 12 ran now (4 ok, 4 diverged); 4 failed "
+        f"in {folder / 'runs.csv'} (retry them with --rerun-failed)",
+        "wrote " + ", ".join(str(folder / f) for f in ("table.md", "table.csv", "score.png")),
+    ]
+    run_lines = [line for line in err.splitlines() if line.startswith("[")]
+    assert len(run_lines) == 12                              # one log line per finished run
+    assert any(" failed " in line and "ValueError: deliberate failure" in line
+               for line in run_lines)
+
+
+def test_run_full_grid_exits_0_and_a_rerun_runs_nothing(capsys, tmp_path):
+    args = ("run", "toy", "--jobs", 1, "--out", tmp_path, *STUDIES)
+    code, out, _ = normkit(capsys, *args)
+    assert code == 0 and "22 ran now (22 ok, 0 diverged); 0 failed" in out
+    code, out, err = normkit(capsys, *args)
+    assert code == 0 and "22 already recorded, 0 ran now" in out
+    assert not [line for line in err.splitlines() if line.startswith("[")]
+
+
+def test_run_no_summary_writes_only_runs_csv(capsys, tmp_path):
+    code, out, _ = normkit(capsys, "run", "toy", "--jobs", 1, "--no-summary", "--out", tmp_path,
+                           *STUDIES)
+    assert code == 0 and "wrote" not in out
+    assert sorted(p.name for p in (tmp_path / "toy").iterdir()) == [".lock", "runs.csv"]
+
+
+def test_table_rewrites_the_tables_without_running(capsys, tmp_path):
+    normkit(capsys, "run", "toy", "--quick", "--jobs", 2, "--out", tmp_path, *STUDIES)
+    folder = tmp_path / "toy" / "quick"
+    runs = (folder / "runs.csv").read_bytes()
+    (folder / "table.md").unlink()
+    code, out, err = normkit(capsys, "table", "toy", "--quick", "--out", tmp_path, *STUDIES)
+    assert code == 0 and out.startswith(f"wrote {folder / 'table.md'}, ")
+    assert "| width | normal | nan_loss | fail |" in (folder / "table.md").read_text()
+    assert (folder / "runs.csv").read_bytes() == runs
+    assert "[" not in err
+
+
+def test_table_before_any_run_is_an_error(capsys, tmp_path):
+    code, out, err = normkit(capsys, "table", "toy", "--out", tmp_path, *STUDIES)
+    assert (code, out) == (2, "")
+    assert err == (f"normkit: no runs yet: {tmp_path / 'toy' / 'runs.csv'} does not exist "
+                   "(run `normkit run toy` first)\n")
+
+
+def test_a_failing_table_hook_exits_1_after_the_runs_are_saved(capsys, tmp_path):
+    (tmp_path / "hookfails.py").write_text(HOOK_FAILS)
+    code, out, err = normkit(capsys, "run", "hookfails", "--jobs", 1, "--studies-dir", tmp_path,
+                             "--out", tmp_path / "results")
+    assert code == 1 and "2 ran now (2 ok, 0 diverged)" in out
+    assert err.splitlines()[-1] == ("normkit: the tables or figures of study 'hookfails' "
+                                    "failed: KeyError: 'no such column'")
+    assert (tmp_path / "results" / "hookfails" / "runs.csv").exists()
+
+
+def test_unknown_study(capsys):
+    code, out, err = normkit(capsys, "run", "nope", *STUDIES)
+    assert (code, out) == (2, "")
+    assert err == f"normkit: unknown study 'nope' (studies in {FIXTURE}/: toy)\n"
+
+
+def test_broken_study(capsys, tmp_path):
+    (tmp_path / "broken.py").write_text(BROKEN_STUDY)
+    code, _, err = normkit(capsys, "run", "broken", "--studies-dir", tmp_path)
+    assert code == 2
+    assert err.splitlines()[-1] == (f"normkit: study script {tmp_path / 'broken.py'} failed to "
+                                    "import: RuntimeError: broken on purpose")
+
+
+def test_unwritable_output_folder(capsys, tmp_path):
+    (tmp_path / "file").write_text("")
+    code, _, err = normkit(capsys, "run", "toy", "--out", tmp_path / "file", *STUDIES)
+    assert code == 2
+    assert err == f"normkit: cannot write to {tmp_path / 'file' / 'toy'}: Not a directory\n"
+
+
+def test_unreachable_scheduler(capsys, tmp_path):
+    pytest.importorskip("distributed")
+    with socket.socket() as probe:              # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code, _, err = normkit(capsys, "run", "toy", "--scheduler", f"tcp://127.0.0.1:{port}",
+                           "--connect-timeout", "0.5", "--out", tmp_path, *STUDIES)
+    assert code == 2
+    assert err.startswith(f"normkit: cannot reach the Dask scheduler at tcp://127.0.0.1:{port}: ")
+    assert len(err.splitlines()) == 1
+
+
+def test_scheduler_without_dask_installed(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "distributed", None)    # `import distributed` fails
+    code, _, err = normkit(capsys, "run", "toy", "--scheduler", "local", "--out", tmp_path,
+                           *STUDIES)
+    assert code == 2
+    assert err == "normkit: --scheduler needs Dask: pip install 'normkit[dask]'\n"
+
+
+def test_run_on_a_local_dask_cluster_gives_the_local_pool_results(capsys, tmp_path):
+    pytest.importorskip("distributed")
+    code, out, _ = normkit(capsys, "run", "toy", "--scheduler", "local", "--jobs", 1,
+                           "--no-summary", "--out", tmp_path / "dask", *STUDIES)
+    assert code == 0 and "22 ran now (22 ok, 0 diverged)" in out
+    normkit(capsys, "run", "toy", "--jobs", 1, "--no-summary", "--out", tmp_path / "pool",
+            *STUDIES)
+    assert metric_cells(tmp_path / "dask") == metric_cells(tmp_path / "pool")
+
+
+def metric_cells(results: Path) -> list[list[str]]:
+    """Config and metric cells of toy's runs.csv as written, sorted."""
+    with open(results / "toy" / "runs.csv", newline="") as f:
+        return sorted(row[:6] for row in csv.reader(f))
+
+
+@pytest.mark.parametrize("argv, words", [
+    ([], "the following arguments are required: COMMAND"),
+    (["run"], "the following arguments are required: STUDY"),
+    (["run", "toy", "--jobs", "0"], "argument --jobs: expected a positive integer, got '0'"),
+    (["run", "toy", "--connect-timeout", "-1"], "expected a positive number, got '-1'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["list", "--jobs", "2"], "unrecognized arguments: --jobs 2"),
+])
+def test_usage_errors_exit_2(capsys, argv, words):
+    code, out, err = normkit(capsys, *argv)
+    assert (code, out) == (2, "")
+    assert words in err
+
+
+def test_version(capsys):
+    assert normkit(capsys, "--version") == (0, f"normkit {__version__}\n", "")
+
+
+def test_bench_without_a_benchmark(capsys, tmp_path):
+    code, _, err = normkit(capsys, "bench", "--script", tmp_path / "kernels.py")
+    assert (code, err) == (2, f"normkit: no benchmark yet: {tmp_path / 'kernels.py'} does not "
+                              "exist\n")
+
+
+@pytest.mark.parametrize("ending, code", [("", 0), ("sys.exit(3)", 3)])
+def test_bench_runs_the_script_with_its_arguments(capsys, tmp_path, ending, code):
+    script = tmp_path / "kernels.py"
+    script.write_text(f"import sys\nif __name__ == '__main__':\n    print('bench', sys.argv[1:])"
+                      f"\n    {ending}\n")
+    argv_before = list(sys.argv)
+    assert normkit(capsys, "bench", "--script", script, "--size", "8") == (
+        code, "bench ['--size', '8']\n", "")
+    assert sys.argv == argv_before
+
+
+def test_python_dash_m_normkit(tmp_path):
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-m", "normkit", "list", *STUDIES], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("toy  Toy study")
