@@ -297,14 +297,14 @@ def sgd_step(params, grads, buffers, hyper, nesterov):
 # PyTorch's Adam, step t >= 1:  (coupled) g += wd p  or  (decoupled) p *= 1 - lr wd
 #   m += (1 - b1)(g - m);  v = b2 v + (1 - b2) g^2
 #   p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
-# hyper = [lr / (1 - b1^t), sqrt(1 - b2^t), b1, b2, eps, coupled wd, decoupled factor 1 - lr wd],
-# the bias corrections computed by the caller in float64 as torch does for its Python-float step.
+# hyper = [lr / (1 - b1^t), sqrt(1 - b2^t), 1 - b1, b2, 1 - b2, eps, coupled wd,
+#          decoupled factor 1 - lr wd], computed by the caller in float64 as torch does with its
+# Python floats (1 - b2 in float32 arithmetic would be off by 1e-5 relative for b2 = 0.999).
 @jit()
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, hyper):
     step_size, bias_correction2_sqrt = hyper[0], hyper[1]
-    beta1, beta2, eps = hyper[2], hyper[3], hyper[4]
-    coupled_decay, decoupled_factor = hyper[5], hyper[6]
-    one = beta1 - beta1 + 1                       # 1 in the hyperparameters' dtype
+    one_minus_beta1, beta2, one_minus_beta2, eps = hyper[2], hyper[3], hyper[4], hyper[5]
+    coupled_decay, decoupled_factor = hyper[6], hyper[7]
     for j in range(len(params)):
         p = params[j]
         g = grads[j]
@@ -313,19 +313,19 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, hyper):
         for i in range(p.size):
             p[i] *= decoupled_factor
             d = g[i] + coupled_decay * p[i]
-            m[i] += (one - beta1) * (d - m[i])
-            v[i] = beta2 * v[i] + (one - beta2) * d * d
+            m[i] += one_minus_beta1 * (d - m[i])
+            v[i] = beta2 * v[i] + one_minus_beta2 * d * d
             p[i] -= step_size * m[i] / (np.sqrt(v[i]) / bias_correction2_sqrt + eps)
 
 
 # PyTorch's RMSprop (eps outside the square root):
 #   g += wd p;  s = alpha s + (1 - alpha) g^2;  a = sqrt(s) + eps
 #   buf = mu buf + g / a;  p -= lr buf      (mu = 0: p -= lr g / a)
-# hyper = [lr, alpha, eps, wd, mu]
+# hyper = [lr, alpha, 1 - alpha, eps, wd, mu]
 @jit()
 def rmsprop_step(params, grads, square_avgs, buffers, hyper):
-    lr, alpha, eps, weight_decay, momentum = hyper[0], hyper[1], hyper[2], hyper[3], hyper[4]
-    one = alpha - alpha + 1
+    lr, alpha, one_minus_alpha, eps = hyper[0], hyper[1], hyper[2], hyper[3]
+    weight_decay, momentum = hyper[4], hyper[5]
     for j in range(len(params)):
         p = params[j]
         g = grads[j]
@@ -334,11 +334,11 @@ def rmsprop_step(params, grads, square_avgs, buffers, hyper):
         if momentum == 0:
             for i in range(p.size):
                 d = g[i] + weight_decay * p[i]
-                s[i] = alpha * s[i] + (one - alpha) * d * d
+                s[i] = alpha * s[i] + one_minus_alpha * d * d
                 p[i] -= lr * (d / (np.sqrt(s[i]) + eps))
         else:
             for i in range(p.size):
                 d = g[i] + weight_decay * p[i]
-                s[i] = alpha * s[i] + (one - alpha) * d * d
+                s[i] = alpha * s[i] + one_minus_alpha * d * d
                 buf[i] = momentum * buf[i] + d / (np.sqrt(s[i]) + eps)
                 p[i] -= lr * buf[i]

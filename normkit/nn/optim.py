@@ -87,7 +87,7 @@ class Optimizer:
         self.max_grad_norm = (None if max_grad_norm is None
                               else _check_number("max_grad_norm", max_grad_norm, 0.0, open_low=True))
         self.step_count = 0
-        self._hyper = np.zeros(8, self.dtype)      # hyperparameters for the kernel; [-1]: clip factor
+        self._hyper = np.zeros(9, self.dtype)      # hyperparameters for the kernel; [-1]: clip factor
         #: optimizer buffers per parameter name, e.g. {"0.weight": {"momentum": ...}}
         self.state: dict[str, dict[str, np.ndarray]] = {key: {} for key in self.params}
 
@@ -158,11 +158,11 @@ class Adam(Optimizer):
         (beta1, beta2), t, decay, hyper = self.betas, self.step_count, self.weight_decay, self._hyper
         hyper[0] = self.lr / (1 - beta1 ** t)
         hyper[1] = math.sqrt(1 - beta2 ** t)
-        hyper[2], hyper[3], hyper[4] = beta1, beta2, self.eps
+        hyper[2], hyper[3], hyper[4], hyper[5] = 1 - beta1, beta2, 1 - beta2, self.eps
         if self.decoupled_weight_decay:
-            hyper[5], hyper[6] = 0.0, 1 - self.lr * decay
+            hyper[6], hyper[7] = 0.0, 1 - self.lr * decay
         else:
-            hyper[5], hyper[6] = decay, 1.0
+            hyper[6], hyper[7] = decay, 1.0
         K.adam_step(self._param_views, self._grad_views, self._exp_avg, self._exp_avg_sq, hyper)
 
 
@@ -182,8 +182,8 @@ class RMSProp(Optimizer):
 
     def _update(self):
         hyper = self._hyper
-        hyper[0], hyper[1], hyper[2] = self.lr, self.alpha, self.eps
-        hyper[3], hyper[4] = self.weight_decay, self.momentum
+        hyper[0], hyper[1], hyper[2] = self.lr, self.alpha, 1 - self.alpha
+        hyper[3], hyper[4], hyper[5] = self.eps, self.weight_decay, self.momentum
         K.rmsprop_step(self._param_views, self._grad_views, self._square_avg, self._momentum, hyper)
 
 
