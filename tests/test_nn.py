@@ -60,7 +60,7 @@ F64 = dict(dtype=np.float64)
 
 LAYERS = {
     "dense_small": (lambda: Dense(5, 4, rng=1, **F64), (3, 5)),
-    "dense_blas": (lambda: Dense(200, 120, rng=1, **F64), (3, 200)),
+    "dense_blas": (lambda: Dense(300, 150, rng=1, **F64), (3, 300)),
     "dense_no_bias": (lambda: Dense(5, 4, rng=1, bias=False, **F64), (3, 5)),
     "conv1d_same": (lambda: Conv1d(3, 4, 5, padding="same", rng=1, **F64), (2, 3, 11)),
     "conv1d_stride2": (lambda: Conv1d(2, 3, 3, stride=2, padding=1, rng=1, **F64), (3, 2, 10)),
@@ -76,7 +76,7 @@ LAYERS = {
 
 
 def test_dense_blas_case_takes_the_blas_path():
-    assert 3 * 200 * 120 > SMALL_DENSE_MACS >= 3 * 5 * 4
+    assert 3 * 300 * 150 > SMALL_DENSE_MACS >= 3 * 5 * 4
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
@@ -498,6 +498,19 @@ def test_a_training_step_reuses_every_buffer_and_overwrites_grads():
     model.backward(criterion.backward())                  # no accumulation
     for key in first:
         np.testing.assert_array_equal(model.grads[key], second[key])
+
+
+def test_dense_fed_its_own_output_computes_from_a_copy():
+    layer = Dense(3, 3, rng=0, **F64)
+    x = rng_(1).standard_normal((2, 3))
+    first = layer.forward(x, training=True)
+    expected_input = first.copy()
+    second = layer.forward(first, training=True)
+    weight, bias = layer.params["weight"], layer.params["bias"]
+    np.testing.assert_allclose(second, expected_input @ weight.T + bias, rtol=1e-14)
+    dy = rng_(2).standard_normal((2, 3))
+    layer.backward(dy)
+    np.testing.assert_allclose(layer.grads["weight"], dy.T @ expected_input, rtol=1e-14)
 
 
 def test_sequential_names_and_interface():
