@@ -58,6 +58,14 @@ def dense_backward(x, weight, dy, dweight, dbias, dx):
 # scatter-add col2im. Conv1d is this with H = KH = 1.
 # ---------------------------------------------------------------------------------------------
 
+@jit(inline=True)
+def _valid_range(kernel_offset, stride, pad, size, n_out):
+    # the outputs j whose input position j * stride + kernel_offset - pad lies in [0, size)
+    low = -((kernel_offset - pad) // stride)                    # ceil((pad - offset) / stride)
+    high = -((kernel_offset - pad - size) // stride)            # ceil((size + pad - offset) / stride)
+    return max(0, low), min(n_out, high)
+
+
 @jit()
 def im2col(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, cols):
     n_batch, n_chan, height, width = x.shape      # x (N, C, H, W)
@@ -65,19 +73,26 @@ def im2col(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, cols):
     out_w = (width + 2 * pad_w - kernel_w) // stride_w + 1
     for c in range(n_chan):
         for kh in range(kernel_h):
+            i_low, i_high = _valid_range(kh, stride_h, pad_h, height, out_h)
             for kw in range(kernel_w):
+                j_low, j_high = _valid_range(kw, stride_w, pad_w, width, out_w)
                 row = (c * kernel_h + kh) * kernel_w + kw
                 for n in range(n_batch):
                     for i in range(out_h):
-                        h = i * stride_h + kh - pad_h
                         base = (n * out_h + i) * out_w
-                        if h < 0 or h >= height:
-                            for j in range(out_w):
-                                cols[row, base + j] = 0
+                        if i < i_low or i >= i_high:
+                            cols[row, base:base + out_w] = 0
                             continue
-                        for j in range(out_w):
-                            w = j * stride_w + kw - pad_w
-                            cols[row, base + j] = x[n, c, h, w] if 0 <= w < width else 0
+                        h = i * stride_h + kh - pad_h
+                        cols[row, base:base + j_low] = 0
+                        cols[row, base + j_high:base + out_w] = 0
+                        shift = kw - pad_w
+                        if stride_w == 1:                   # contiguous: vectorizes
+                            for j in range(j_low, j_high):
+                                cols[row, base + j] = x[n, c, h, j + shift]
+                        else:
+                            for j in range(j_low, j_high):
+                                cols[row, base + j] = x[n, c, h, j * stride_w + shift]
 
 
 @jit()
@@ -88,18 +103,21 @@ def col2im(dcols, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dx):
     dx[...] = 0
     for c in range(n_chan):
         for kh in range(kernel_h):
+            i_low, i_high = _valid_range(kh, stride_h, pad_h, height, out_h)
             for kw in range(kernel_w):
+                j_low, j_high = _valid_range(kw, stride_w, pad_w, width, out_w)
                 row = (c * kernel_h + kh) * kernel_w + kw
+                shift = kw - pad_w
                 for n in range(n_batch):
-                    for i in range(out_h):
+                    for i in range(i_low, i_high):
                         h = i * stride_h + kh - pad_h
-                        if h < 0 or h >= height:
-                            continue
                         base = (n * out_h + i) * out_w
-                        for j in range(out_w):
-                            w = j * stride_w + kw - pad_w
-                            if 0 <= w < width:
-                                dx[n, c, h, w] += dcols[row, base + j]
+                        if stride_w == 1:
+                            for j in range(j_low, j_high):
+                                dx[n, c, h, j + shift] += dcols[row, base + j]
+                        else:
+                            for j in range(j_low, j_high):
+                                dx[n, c, h, j * stride_w + shift] += dcols[row, base + j]
 
 
 @jit()
