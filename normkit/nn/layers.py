@@ -264,14 +264,13 @@ class _Conv(Layer):
         np.matmul(self._weight_cols, cols, out=y_cols)                  # (C_out, N*P)
         y = self._buffer("y", self._output_shape(n_batch, out_h, out_w), x.dtype)
         K.columns_to_output(y_cols, self._bias, y.reshape(n_batch, self.out_channels, n_pos))
-        self._saved = (x, cols)
+        self._saved = (x, cols, y.shape)
         return y
 
     def backward(self, dy):
-        x, cols = self._last_forward()
+        x, cols, out_shape = self._last_forward()
         n_batch = x.shape[0]
         n_pos = cols.shape[1] // n_batch
-        out_shape = self._output_shape(n_batch, *self._out_hw(x))
         dy = self._check_dy(dy, out_shape, x.dtype)
         dy_cols = self._buffer("dy_cols", (self.out_channels, n_batch * n_pos), x.dtype)
         K.output_to_columns(dy.reshape(n_batch, self.out_channels, n_pos), dy_cols, self._dbias)
@@ -282,11 +281,6 @@ class _Conv(Layer):
         (kh, kw), (sh, sw), (ph, pw) = self._kernel, self._stride, self._padding
         K.col2im(dcols, kh, kw, sh, sw, ph, pw, self._as_4d(dx))
         return dx
-
-    def _out_hw(self, x) -> tuple[int, int]:
-        _, _, height, width = self._as_4d(x).shape
-        (kh, kw), (sh, sw), (ph, pw) = self._kernel, self._stride, self._padding
-        return (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
 
 
 def _check_padding(padding, kernel: tuple[int, int], stride: tuple[int, int]) -> tuple[int, int]:
