@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 class StandinBatchNorm:
     """Training-mode batch norm over (N, C, *spatial) in plain NumPy (torch.nn.BatchNorm's
     training computation: biased variance; no running statistics). The stand-in for
-    ``normkit.make("batch")`` until it lands: :func:`batch_norm` is the one place to re-point."""
+    ``normkit.make("batch")`` until it lands (see :func:`batch_norm`)."""
 
     def __init__(self, num_features, eps=1e-5, dtype=np.float64):
         self.eps = eps
@@ -45,6 +45,9 @@ class StandinBatchNorm:
 
 
 def batch_norm(num_features, dtype=np.float64):
+    """The real batch norm once ``normkit.make`` exists, the stand-in before."""
+    if hasattr(normkit, "make"):
+        return normkit.make("batch", num_features, dtype=dtype)
     return StandinBatchNorm(num_features, dtype=dtype)
 
 
@@ -278,7 +281,7 @@ def _to_torch(model, dtype=torch.float64):
             w = layer.params["weight"]
             t = torch.nn.Conv2d(w.shape[1], w.shape[0], w.shape[2:], stride=layer._stride,
                                 padding=layer._padding)
-        elif isinstance(layer, StandinBatchNorm):
+        elif set(layer.params) == {"gamma", "beta"}:             # batch norm, (N, C) or (N, C, *)
             t = torch.nn.BatchNorm1d(layer.params["gamma"].size)   # 1d takes (N, C) and (N, C, L)
             if isinstance(model[0], Conv2d):
                 t = torch.nn.BatchNorm2d(layer.params["gamma"].size)
