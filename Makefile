@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-EXTRAS ?= test,torch,plots,dask
+EXTRAS ?= test,torch,data,plots,dask
 
 .PHONY: install test clean quick studies bench
 
