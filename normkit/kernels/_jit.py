@@ -11,11 +11,18 @@ threading and the floating-point policy are decided once:
 - ``fastmath``: off by default. Reductions may opt in to ``{"reassoc"}`` only (never
   ``nnan``/``ninf``: NaN must propagate); set ``NORMKIT_STRICT_FP=1`` to switch that off too.
 
+- cache invalidation: Numba checks a cached function against its own source file only, so a
+  kernel cached in ``batch.py`` would keep the machine code of the ``_core.py`` functions it was
+  compiled with after ``_core.py`` changed. :func:`_drop_stale_caches` therefore deletes every
+  normkit cache file whenever any source file of the package changed.
+
 ``NUMBA_DISABLE_JIT=1`` runs the whole package as plain Python (for coverage and debuggers).
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import pathlib
 import types
 
 import numba
@@ -52,3 +59,30 @@ def serial_and_parallel(loop):
         clone.__doc__ = loop.__doc__
         twins.append(jit(parallel=parallel)(clone))
     return tuple(twins)
+
+
+def _drop_stale_caches(package: pathlib.Path = pathlib.Path(__file__).resolve().parent.parent) -> None:
+    """Delete normkit's Numba cache files when the package's sources changed since they were
+    written (see the module docstring). Costs one read of the sources (~100 kB) per import."""
+    if os.environ.get("NUMBA_CACHE_DIR"):      # caches live elsewhere; the user manages them
+        return
+    digest = hashlib.sha1()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode())
+        digest.update(path.read_bytes())
+    stamp = package / "kernels" / "__pycache__" / "normkit-sources.sha1"
+    try:
+        if stamp.read_text() == digest.hexdigest():
+            return
+    except OSError:
+        pass
+    try:
+        for cache_file in package.rglob("__pycache__/*.nb[ic]"):
+            cache_file.unlink(missing_ok=True)
+        stamp.parent.mkdir(exist_ok=True)
+        stamp.write_text(digest.hexdigest())
+    except OSError:                            # a read-only install: nothing to keep fresh
+        pass
+
+
+_drop_stale_caches()
