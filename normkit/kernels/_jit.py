@@ -4,7 +4,9 @@ Every kernel in ``normkit.kernels`` is decorated with :func:`jit` from here, so 
 threading and the floating-point policy are decided once:
 
 - ``cache=True``: a second process loads the machine code from ``__pycache__`` instead of
-  compiling again.
+  compiling again. A kernel's machine code contains the kernels it calls (from other modules
+  too), so the cache of every kernel is keyed on the source of the whole ``normkit.kernels``
+  package: numba alone would keep serving ``batch.py``'s cached code after ``_core.py`` changed.
 - ``parallel``: only the drivers that split work over channels/rows (``prange``) ask for it;
   each channel/row is reduced by one thread in a fixed order, so results do not depend on the
   number of threads or on scheduling.
@@ -23,10 +25,13 @@ threading and the floating-point policy are decided once:
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import types
 
 import numba
+from numba.core import caching
 
 _STRICT_FP = os.environ.get("NORMKIT_STRICT_FP", "") not in ("", "0")
 
@@ -47,6 +52,47 @@ def _start_threads() -> None:
 
 
 _start_threads()
+
+_KERNELS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+@functools.lru_cache(maxsize=None)
+def _hash_files(stats):
+    digest = hashlib.sha256()
+    for path, _, _ in stats:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.digest()
+
+
+def _package_stamp():
+    """Content hash of every module of normkit.kernels (re-read when one's mtime/size change)."""
+    paths = sorted(os.path.join(_KERNELS_DIR, name) for name in os.listdir(_KERNELS_DIR)
+                   if name.endswith(".py"))
+    return _hash_files(tuple((p, os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in paths))
+
+
+class _PackageStampMixin:
+    def get_source_stamp(self):
+        return _package_stamp()
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        if os.path.dirname(os.path.abspath(py_file)) != _KERNELS_DIR:
+            return None
+        return super().from_function(py_func, py_file)
+
+
+class _UserDirLocator(_PackageStampMixin, caching.UserProvidedCacheLocator):
+    """NUMBA_CACHE_DIR, keyed on the whole kernels package."""
+
+
+class _InTreeLocator(_PackageStampMixin, caching.InTreeCacheLocator):
+    """__pycache__ beside the module, keyed on the whole kernels package."""
+
+
+_CACHE_IMPL = getattr(caching, "CacheImpl", None) or caching._CacheImpl   # renamed in numba 0.61
+_CACHE_IMPL._locator_classes[:0] = [_UserDirLocator, _InTreeLocator]
 
 #: Flags a reduction kernel may use; reassociation lets LLVM vectorize sums.
 REDUCTION_FASTMATH = frozenset() if _STRICT_FP else frozenset({"reassoc"})
