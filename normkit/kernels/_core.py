@@ -75,6 +75,7 @@ _MAX_CHUNKS = 64
 # Row-chunk driver: a chunk of rows covers about this many bytes of the input, so its two
 # statistics passes find it in a core's L2 cache (512 KiB on the machine the benchmarks ran on).
 _CHUNK_BYTES = 1 << 18
+_MERGE_BLOCK = 256          # channels per work item when merging chunk statistics
 
 # Statistics sum blocks of this many values in the input's dtype (SIMD lanes of float32 for
 # float32 data), then add the block sums in float64; see _group_moments for why that is exact
@@ -491,41 +492,54 @@ def _chunk_stats_item(item, x2, B, R, J, centered, chunk_mean, chunk_m2):
     C = x2.shape[1]
     count = r1 - r0
     shift = np.zeros(C, x2.dtype)              # (C,) the chunk's first mean, x's dtype
+    mean = chunk_mean[v, j]                    # (C,) output views
+    m2 = chunk_m2[v, j]
     if centered:
-        total = np.zeros(C)
-        _rows_sum(x2, r0, r1, total)
+        mean[:] = 0.0
+        _rows_sum(x2, r0, r1, mean)
         for c in range(C):
-            shift[c] = total[c] / count
+            shift[c] = mean[c] / count
     s1 = np.zeros(C)
-    s2 = np.zeros(C)
-    _rows_dev_sums(x2, r0, r1, shift, s1, s2)
-    for c in range(C):
-        mean, var = _moments_from_sums(np.float64(shift[c]), s1[c], s2[c], count, centered)
-        chunk_mean[v, j, c] = mean
-        chunk_m2[v, j, c] = var * count
+    m2[:] = 0.0
+    _rows_dev_sums(x2, r0, r1, shift, s1, m2)
+    for c in range(C):                         # mean = shift + mean(d), M2 = sum(d^2) - sum(d)^2/n
+        if centered:
+            mean_dev = s1[c] / count
+            mean[c] = shift[c] + mean_dev
+            m2[c] = max(m2[c] - s1[c] * mean_dev, 0.0)
+        else:
+            mean[c] = 0.0
 
 
 @jit()
 def _merge_chunks_item(item, B, R, J, centered, chunk_mean, chunk_m2, mean, var):
-    """Channel c of row-group v (item = v * C + c): merge its chunks in order j = 0, 1, ...
-    (Chan et al.: delta = mean_j - mean, mean += delta * n_j / n, M2 += M2_j + delta^2 n n_j / n)."""
+    """Channels [c0, c0 + _MERGE_BLOCK) of row-group v (item = v * blocks + b): merge the chunk
+    statistics in order j = 0, 1, ... (Chan et al.: with delta = mean_j - mean,
+    mean += delta * n_j / n and M2 += M2_j + delta^2 * n_prev * n_j / n)."""
     C = mean.shape[1]
-    v, c = item // C, item % C
-    m = chunk_mean[v, 0, c]
-    m2 = chunk_m2[v, 0, c]
+    blocks = (C + _MERGE_BLOCK - 1) // _MERGE_BLOCK
+    v, b = item // blocks, item % blocks
+    c0 = b * _MERGE_BLOCK
+    c1 = min(c0 + _MERGE_BLOCK, C)
+    m = mean[v, c0:c1]                         # (w,) output views
+    m2 = var[v, c0:c1]
+    m[:] = chunk_mean[v, 0, c0:c1]
+    m2[:] = chunk_m2[v, 0, c0:c1]
     count = min(R, B)
     for j in range(1, J):
         n_j = min(R, B - j * R)
-        if centered:
-            delta = chunk_mean[v, j, c] - m
-            total = count + n_j
-            m += delta * n_j / total
-            m2 += chunk_m2[v, j, c] + delta * delta * count * n_j / total
-        else:
-            m2 += chunk_m2[v, j, c]
-        count += n_j
-    mean[v, c] = m
-    var[v, c] = m2 / B
+        total = count + n_j
+        weight = n_j / total
+        cross = count * weight
+        mj = chunk_mean[v, j, c0:c1]
+        m2j = chunk_m2[v, j, c0:c1]
+        for c in range(m.size):
+            delta = mj[c] - m[c] if centered else 0.0
+            m[c] += delta * weight
+            m2[c] += m2j[c] + delta * delta * cross
+        count = total
+    for c in range(m2.size):
+        m2[c] /= B                             # M2 -> biased variance, in place
 
 
 @jit()
@@ -572,7 +586,7 @@ def _forward_loop(x4, B, gamma2, beta2, eps, centered, y4, mean, var, mode):
             chunk_m2 = np.empty((V, J, G))
             for item in prange(V * J):
                 _chunk_stats_item(item, x2, B, R, J, centered, chunk_mean, chunk_m2)
-            for item in prange(V * G):
+            for item in prange(V * ((G + _MERGE_BLOCK - 1) // _MERGE_BLOCK)):
                 _merge_chunks_item(item, B, R, J, centered, chunk_mean, chunk_m2, mean, var)
         if mode != STATS_ONLY:
             mean_hi, scale, shift = _affine_coefficients(x2, mean, var, eps, gamma2.reshape(G),
@@ -634,15 +648,32 @@ def apply(x4, B, mean, var, eps, gamma2, beta2, y4):
 # ---------------------------------------------------------------------------------------------
 
 @jit(reduction=True)
+def _block_sums_dy(ds, xs, shift):
+    """(sum(dy), sum(dy * (x - shift))) in x's dtype; ds, xs: (<= _BLOCK,) contiguous."""
+    sum_dy = _cast_like(xs, 0.0)
+    sum_dy_dev = _cast_like(xs, 0.0)
+    for k in range(ds.size):
+        d = ds[k]
+        sum_dy += d
+        sum_dy_dev += d * (xs[k] - shift)
+    return sum_dy, sum_dy_dev
+
+
+@jit()
 def _sums_dy(ds, xs, mean):
-    """(sum(dy), sum(dy * (x - mean))) in float64; ds, xs: (K,) contiguous."""
+    """(sum(dy), sum(dy * (x - mean))), block sums (as in _sum) added in float64; (K,) contiguous.
+
+    With shift = mean rounded to x's dtype, sum(dy * (x - mean)) = sum(dy * (x - shift))
+    - (mean - shift) * sum(dy); x - shift is exact for x near the mean.
+    """
+    shift = _cast_like(xs, mean)
     sum_dy = 0.0
     sum_dy_dev = 0.0
-    for k in range(ds.size):
-        d = np.float64(ds[k])
-        sum_dy += d
-        sum_dy_dev += d * (xs[k] - mean)
-    return sum_dy, sum_dy_dev
+    for b0 in range(0, xs.size, _BLOCK):
+        a, b = _block_sums_dy(ds[b0:b0 + _BLOCK], xs[b0:b0 + _BLOCK], shift)
+        sum_dy += a
+        sum_dy_dev += b
+    return sum_dy, sum_dy_dev - (mean - shift) * sum_dy
 
 
 @jit(reduction=True)
@@ -758,25 +789,42 @@ def _dx_coefficients(x2, B, J, mean, var, eps, gamma, centered, frozen, chunk_dy
     mean_hi = np.empty((V, C), x2.dtype)
     x_coef = np.empty((V, C), x2.dtype)
     const = np.empty((V, C), x2.dtype)
+    s_dy = np.empty(C)                         # (C,) sums over the row-group
+    s_dy_dev = np.empty(C)
     for v in range(V):
-        for c in range(C):
-            s_dy = 0.0
-            s_dy_dev = 0.0
-            for j in range(J):
-                s_dy += chunk_dy[v, j, c]
-                s_dy_dev += chunk_dy_dev[v, j, c]
-            inv_std = 1.0 / np.sqrt(var[v, c] + eps)
-            gamma_c = np.float64(gamma[c])
-            part_dy[v, c, 0] = s_dy
-            part_dy_xhat[v, c, 0] = s_dy_dev * inv_std
-            mean_dxhat = gamma_c * s_dy / B if centered and not frozen else 0.0
-            mean_dxhat_xhat = gamma_c * s_dy_dev * inv_std / B if not frozen else 0.0
-            x_coef64 = -inv_std * inv_std * mean_dxhat_xhat
-            mean_hi[v, c] = mean[v, c]
-            dy_coef[v, c] = inv_std * gamma_c
-            x_coef[v, c] = x_coef64
-            const[v, c] = -inv_std * mean_dxhat - (mean[v, c] - mean_hi[v, c]) * x_coef64
+        s_dy[:] = chunk_dy[v, 0]
+        s_dy_dev[:] = chunk_dy_dev[v, 0]
+        for j in range(1, J):
+            _add(s_dy, chunk_dy[v, j])
+            _add(s_dy_dev, chunk_dy_dev[v, j])
+        _dx_coefficients_row(mean[v], var[v], eps, gamma, B, centered, frozen, s_dy, s_dy_dev,
+                             part_dy[v].reshape(C), part_dy_xhat[v].reshape(C), dy_coef[v],
+                             mean_hi[v], x_coef[v], const[v])
     return dy_coef, mean_hi, x_coef, const
+
+
+@jit()
+def _add(total, part):
+    for c in range(total.size):
+        total[c] += part[c]
+
+
+@jit()
+def _dx_coefficients_row(mean, var, eps, gamma, B, centered, frozen, s_dy, s_dy_dev, dbeta,
+                         dgamma, dy_coef, mean_hi, x_coef, const):
+    """One row-group of _dx_coefficients, every array (C,)."""
+    for c in range(mean.size):
+        inv_std = 1.0 / np.sqrt(var[c] + eps)
+        gamma_c = np.float64(gamma[c])
+        dbeta[c] = s_dy[c]
+        dgamma[c] = s_dy_dev[c] * inv_std
+        mean_dxhat = gamma_c * s_dy[c] / B if centered and not frozen else 0.0
+        mean_dxhat_xhat = gamma_c * s_dy_dev[c] * inv_std / B if not frozen else 0.0
+        x_coef64 = -inv_std * inv_std * mean_dxhat_xhat
+        mean_hi[c] = mean[c]
+        dy_coef[c] = inv_std * gamma_c
+        x_coef[c] = x_coef64
+        const[c] = -inv_std * mean_dxhat - (mean[c] - mean_hi[c]) * x_coef64
 
 
 @jit()
