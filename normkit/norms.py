@@ -12,6 +12,14 @@ argument and changes nothing (running statistics, ``num_batches_tracked``, the s
 Arrays in ``params``/``grads``/``state`` are never replaced, only written into, so an optimizer
 may hold them and update ``params`` in place. ``forward`` keeps a reference to ``x`` for
 ``backward``: do not modify ``x`` in place between the two.
+
+Every constructor takes ``reuse_buffers`` (default False). With ``reuse_buffers=True`` the
+arrays returned by ``forward`` and ``backward`` are buffers owned by the norm and overwritten by
+the next call of the same method: use y before the next forward and dx before the next backward
+(copy them to keep them). It spares the allocation of a fresh output per call, which for outputs
+of 32 MiB and more (glibc's mmap threshold) means page faults costing more than the kernel. A
+call whose input lives in the buffer it would write (the caller passed back an earlier output)
+gets a fresh array instead.
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ from numbers import Integral, Real
 
 import numpy as np
 
+from .kernels import _core
 from .kernels import batch as _batch
 from .kernels import group as _group
 from .kernels import layer as _layer
@@ -114,12 +123,14 @@ class Norm:
 
     name = "norm"
 
-    def __init__(self, dtype=np.float32):
+    def __init__(self, dtype=np.float32, reuse_buffers=False):
         self.dtype = _check_dtype(dtype)
+        self.reuse_buffers = _check_bool("reuse_buffers", reuse_buffers)
         self.params: dict[str, np.ndarray] = {}
         self.grads: dict[str, np.ndarray] = {}
         self.state: dict[str, np.ndarray] = {}
         self._saved = None                     # what backward needs, from the last forward
+        self._buffers: dict[str, np.ndarray] = {}   # reused outputs (reuse_buffers=True)
 
     def _add_param(self, key: str, value: np.ndarray) -> None:
         self.params[key] = np.array(value, dtype=self.dtype)
@@ -128,14 +139,17 @@ class Norm:
     # -- public ------------------------------------------------------------------------------
     def forward(self, x: np.ndarray, training: bool) -> np.ndarray:
         """Normalize ``x``; in training mode update ``state``. Returns an array of x's dtype."""
-        training = _check_bool("training", training)
+        if training is not True and training is not False:
+            training = _check_bool("training", training)
         x = self._check_array("x", x)
         self._check(x, training)
         self._check_params()
         canonical = self._canonical(x)
         y, saved, new_state = self._forward(canonical, training)
-        for key, value in new_state.items():
-            self.state[key][...] = value
+        if new_state:
+            state = self.state
+            for key, value in new_state.items():
+                state[key][...] = value
         self._saved = (canonical, x.shape, training, saved)
         return y.reshape(x.shape)
 
@@ -152,21 +166,33 @@ class Norm:
             self.grads[key][...] = value.reshape(self.grads[key].shape)
         return dx.reshape(shape)
 
+    def _buffer(self, key: str, like: np.ndarray, *inputs: np.ndarray):
+        """The reused output array ``key`` shaped like ``like`` (reuse_buffers=True), or None for
+        a fresh one (also when an input shares its memory: it must not be overwritten)."""
+        if not self.reuse_buffers:
+            return None
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.shape != like.shape:
+            buffer = self._buffers[key] = np.empty(like.shape, self.dtype)
+        elif any(np.may_share_memory(buffer, a) for a in inputs):
+            return None
+        return buffer
+
     # -- checks ------------------------------------------------------------------------------
     def _check_array(self, name: str, a) -> np.ndarray:
-        if not isinstance(a, np.ndarray):
+        if type(a) is not np.ndarray and not isinstance(a, np.ndarray):
             raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
-        if a.dtype.kind != "f":
-            raise TypeError(f"{name} must be a floating-point array, got dtype {a.dtype}")
         if a.dtype != self.dtype:
+            if a.dtype.kind != "f":
+                raise TypeError(f"{name} must be a floating-point array, got dtype {a.dtype}")
             raise TypeError(
                 f"{name} has dtype {a.dtype} but this {type(self).__name__} holds {self.dtype} "
                 f"parameters; build it with dtype=np.{a.dtype} or cast {name}")
-        return np.ascontiguousarray(a)
+        return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
     def _check_params(self) -> None:
         for key, value in self.params.items():
-            if not np.isfinite(value).all():
+            if not _core.all_finite(value.reshape(-1)):
                 raise ValueError(f"params[{key!r}] contains NaN or inf; refusing to normalize with it")
 
     def _check(self, x: np.ndarray, training: bool) -> None:
@@ -192,8 +218,9 @@ class Norm:
 class _ChannelNorm(Norm):
     """Shared by the norms that take (N, C, *spatial) with per-channel gamma/beta."""
 
-    def __init__(self, num_features, *, eps=1e-5, affine=True, dtype=np.float32):
-        super().__init__(dtype)
+    def __init__(self, num_features, *, eps=1e-5, affine=True, dtype=np.float32,
+                 reuse_buffers=False):
+        super().__init__(dtype, reuse_buffers)
         self.num_features = _check_positive_int("num_features", num_features)
         self.eps = _check_eps(eps)
         self.affine = _check_bool("affine", affine)
@@ -245,8 +272,9 @@ class BatchNorm(_ChannelNorm):
     """
 
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, running_average="exponential",
-                 affine=True, track_running_stats=True, dtype=np.float32):
-        super().__init__(num_features, eps=eps, affine=affine, dtype=dtype)
+                 affine=True, track_running_stats=True, dtype=np.float32, reuse_buffers=False):
+        super().__init__(num_features, eps=eps, affine=affine, dtype=dtype,
+                         reuse_buffers=reuse_buffers)
         self.momentum = _check_momentum(momentum)
         if running_average not in ("exponential", "cumulative"):
             raise ValueError(
@@ -285,20 +313,22 @@ class BatchNorm(_ChannelNorm):
                 "num_batches_tracked": self.state["num_batches_tracked"] + 1}
 
     def _forward(self, x, training):
+        out = self._buffer("y", x, x)
         if self._uses_batch_stats(training):
-            y, mean, var = _batch.forward_train(x, self._gamma, self._beta, self.eps)
+            y, mean, var = _batch.forward_train(x, self._gamma, self._beta, self.eps, out)
             new_state = self._running_update(mean, var, self._values_per_channel(x)) if training else {}
             return y, (mean, var), new_state
         y = _batch.forward_eval(x, self._gamma, self._beta, self.state["running_mean"],
-                                self.state["running_var"], self.eps)
+                                self.state["running_var"], self.eps, out)
         return y, None, {}
 
     def _backward(self, dy, x, training, saved):
+        out = self._buffer("dx", x, dy, x)
         if saved is None:                      # evaluation mode: statistics were constants
             dx, dgamma, dbeta = _batch.backward_eval(dy, x, self._gamma, self.state["running_mean"],
-                                                     self.state["running_var"], self.eps)
+                                                     self.state["running_var"], self.eps, out)
         else:
-            dx, dgamma, dbeta = _batch.backward(dy, x, self._gamma, *saved, self.eps)
+            dx, dgamma, dbeta = _batch.backward(dy, x, self._gamma, *saved, self.eps, out)
         return dx, self._affine_grads(dgamma, dbeta)
 
     def _describe(self):
@@ -337,7 +367,8 @@ class GhostBatchNorm(BatchNorm):
         if not self._uses_batch_stats(training):
             return super()._forward(x, training)
         B = self.virtual_batch_size
-        y, means, variances = _batch.ghost_forward_train(x, self._gamma, self._beta, self.eps, B)
+        y, means, variances = _batch.ghost_forward_train(x, self._gamma, self._beta, self.eps, B,
+                                                         self._buffer("y", x, x))
         new_state = {}
         if training:
             new_state = self._running_update(means.mean(axis=0), variances.mean(axis=0),
@@ -348,7 +379,8 @@ class GhostBatchNorm(BatchNorm):
         if saved is None:
             return super()._backward(dy, x, training, saved)
         dx, dgamma, dbeta = _batch.ghost_backward(dy, x, self._gamma, *saved, self.eps,
-                                                  self.virtual_batch_size)
+                                                  self.virtual_batch_size,
+                                                  self._buffer("dx", x, dy, x))
         return dx, self._affine_grads(dgamma, dbeta)
 
     def _describe(self):
@@ -402,14 +434,15 @@ class BatchRenorm(BatchNorm):
         y, mean, var, r, d = _renorm.forward_train(x, self._gamma, self._beta,
                                                    self.state["running_mean"],
                                                    self.state["running_var"], self.eps,
-                                                   self.r_max, self.d_max)
+                                                   self.r_max, self.d_max, self._buffer("y", x, x))
         self.last_r, self.last_d = r, d
         return y, (mean, var, r, d), self._running_update(mean, var, self._values_per_channel(x))
 
     def _backward(self, dy, x, training, saved):
         if saved is None:
             return super()._backward(dy, x, training, saved)
-        dx, dgamma, dbeta = _renorm.backward(dy, x, self._gamma, *saved, self.eps)
+        dx, dgamma, dbeta = _renorm.backward(dy, x, self._gamma, *saved, self.eps,
+                                             self._buffer("dx", x, dy, x))
         return dx, self._affine_grads(dgamma, dbeta)
 
     def _describe(self):
@@ -423,19 +456,23 @@ class GroupNorm(_ChannelNorm):
     ``GroupNorm(C, num_groups=1)`` is layer norm over (C, *spatial); ``num_groups=C`` is
     instance norm."""
 
-    def __init__(self, num_features, num_groups, *, eps=1e-5, affine=True, dtype=np.float32):
+    def __init__(self, num_features, num_groups, *, eps=1e-5, affine=True, dtype=np.float32,
+                 reuse_buffers=False):
         num_groups = _check_positive_int("num_groups", num_groups)
-        super().__init__(num_features, eps=eps, affine=affine, dtype=dtype)
+        super().__init__(num_features, eps=eps, affine=affine, dtype=dtype,
+                         reuse_buffers=reuse_buffers)
         if self.num_features % num_groups:
             raise ValueError(f"num_groups={num_groups} must divide num_features={self.num_features}")
         self.num_groups = num_groups
 
     def _forward(self, x, training):
-        y, mean, var = _group.forward(x, self._gamma, self._beta, self.num_groups, self.eps)
+        y, mean, var = _group.forward(x, self._gamma, self._beta, self.num_groups, self.eps,
+                                      self._buffer("y", x, x))
         return y, (mean, var), {}
 
     def _backward(self, dy, x, training, saved):
-        dx, dgamma, dbeta = _group.backward(dy, x, self._gamma, self.num_groups, *saved, self.eps)
+        dx, dgamma, dbeta = _group.backward(dy, x, self._gamma, self.num_groups, *saved, self.eps,
+                                            self._buffer("dx", x, dy, x))
         return dx, self._affine_grads(dgamma, dbeta)
 
     def _describe(self):
@@ -448,8 +485,10 @@ class InstanceNorm(GroupNorm):
     over the spatial axes), per-channel gamma/beta (``affine=True`` by default, unlike PyTorch's
     InstanceNorm). Needs more than one spatial element, as in PyTorch."""
 
-    def __init__(self, num_features, *, eps=1e-5, affine=True, dtype=np.float32):
-        super().__init__(num_features, num_features, eps=eps, affine=affine, dtype=dtype)
+    def __init__(self, num_features, *, eps=1e-5, affine=True, dtype=np.float32,
+                 reuse_buffers=False):
+        super().__init__(num_features, num_features, eps=eps, affine=affine, dtype=dtype,
+                         reuse_buffers=reuse_buffers)
 
     def _check(self, x, training):
         super()._check(x, training)
@@ -465,8 +504,8 @@ class _TrailingNorm(Norm):
     """Shared by layer and RMS norm: statistics per row over the trailing ``num_features`` axes
     (an int or a tuple, PyTorch's ``normalized_shape``)."""
 
-    def __init__(self, num_features, *, eps=1e-5, dtype=np.float32):
-        super().__init__(dtype)
+    def __init__(self, num_features, *, eps=1e-5, dtype=np.float32, reuse_buffers=False):
+        super().__init__(dtype, reuse_buffers)
         self.normalized_shape = _check_shape("num_features", num_features)
         self.eps = _check_eps(eps)
 
@@ -492,11 +531,11 @@ class LayerNorm(_TrailingNorm):
     gamma/beta of that shape; same computation in training and evaluation."""
 
     def __init__(self, num_features=None, *, normalized_shape=None, eps=1e-5, affine=True,
-                 dtype=np.float32):
+                 dtype=np.float32, reuse_buffers=False):
         if (num_features is None) == (normalized_shape is None):
             raise ValueError("give the normalized shape once: as num_features or as normalized_shape")
         super().__init__(normalized_shape if num_features is None else num_features, eps=eps,
-                         dtype=dtype)
+                         dtype=dtype, reuse_buffers=reuse_buffers)
         self.affine = _check_bool("affine", affine)
         D = math.prod(self.normalized_shape)
         if self.affine:
@@ -509,11 +548,12 @@ class LayerNorm(_TrailingNorm):
         return (self._flat("gamma"), self._flat("beta")) if self.affine else self._fixed
 
     def _forward(self, x, training):
-        y, mean, var = _layer.forward(x, *self._gamma_beta(), self.eps)
+        y, mean, var = _layer.forward(x, *self._gamma_beta(), self.eps, self._buffer("y", x, x))
         return y, (mean, var), {}
 
     def _backward(self, dy, x, training, saved):
-        dx, dgamma, dbeta = _layer.backward(dy, x, self._gamma_beta()[0], *saved, self.eps)
+        dx, dgamma, dbeta = _layer.backward(dy, x, self._gamma_beta()[0], *saved, self.eps,
+                                            self._buffer("dx", x, dy, x))
         return dx, ({"gamma": dgamma, "beta": dbeta} if self.affine else {})
 
     def _describe(self):
@@ -525,19 +565,22 @@ class RMSNorm(_TrailingNorm):
     """RMS norm (Zhang & Sennrich, 2019): y = x / sqrt(mean(x^2) + eps) * gamma over the
     trailing ``num_features`` axes; a gain, no centering and no bias."""
 
-    def __init__(self, num_features=None, *, normalized_shape=None, eps=1e-5, dtype=np.float32):
+    def __init__(self, num_features=None, *, normalized_shape=None, eps=1e-5, dtype=np.float32,
+                 reuse_buffers=False):
         if (num_features is None) == (normalized_shape is None):
             raise ValueError("give the normalized shape once: as num_features or as normalized_shape")
         super().__init__(normalized_shape if num_features is None else num_features, eps=eps,
-                         dtype=dtype)
+                         dtype=dtype, reuse_buffers=reuse_buffers)
         self._add_param("gamma", np.ones(self.normalized_shape))
 
     def _forward(self, x, training):
-        y, mean_square = _layer.rms_forward(x, self._flat("gamma"), self.eps)
+        y, mean_square = _layer.rms_forward(x, self._flat("gamma"), self.eps,
+                                            self._buffer("y", x, x))
         return y, mean_square, {}
 
     def _backward(self, dy, x, training, saved):
-        dx, dgamma = _layer.rms_backward(dy, x, self._flat("gamma"), saved, self.eps)
+        dx, dgamma = _layer.rms_backward(dy, x, self._flat("gamma"), saved, self.eps,
+                                         self._buffer("dx", x, dy, x))
         return dx, {"gamma": dgamma}
 
     def _describe(self):
@@ -548,8 +591,8 @@ class RMSNorm(_TrailingNorm):
 class Identity(Norm):
     """No normalization, so a study can include it by name: y = x, dx = dy (copies)."""
 
-    def __init__(self, num_features=None, *, dtype=np.float32):
-        super().__init__(dtype)
+    def __init__(self, num_features=None, *, dtype=np.float32, reuse_buffers=False):
+        super().__init__(dtype, reuse_buffers)
         self.num_features = num_features
 
     def _forward(self, x, training):

@@ -301,22 +301,27 @@ def test_large_inputs_repeat_exactly(name, shape, kwargs):
 
 
 @pytest.mark.parametrize("view,B", [((16, 8, 1, 800), 16), ((16, 8, 1, 800), 4), ((64, 1, 1024, 1), 1),
-                                    ((8, 4, 4, 800), 1)])
-def test_serial_and_parallel_twins_agree_bit_for_bit(view, B):
+                                    ((8, 4, 4, 800), 1), ((1024, 100, 1, 1), 1024),
+                                    ((1024, 100, 1, 1), 256)])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_serial_and_parallel_twins_agree_bit_for_bit(view, B, frozen):
     """Each group is reduced by one thread in a fixed order, whatever the number of threads."""
     rng = np.random.default_rng(0)
     x4 = rng.standard_normal(view).astype(np.float32) + 3
     dy4 = rng.standard_normal(view).astype(np.float32)
     G, Cg = view[1], view[2]
+    V = view[0] // B
     gamma2 = rng.standard_normal((G, Cg)).astype(np.float32)
     beta2 = rng.standard_normal((G, Cg)).astype(np.float32)
-    serial = _core._forward_serial(x4, B, gamma2, beta2, 1e-5, True)
-    parallel = _core._forward_parallel(x4, B, gamma2, beta2, 1e-5, True)
-    for a, b in zip(serial, parallel):
-        np.testing.assert_array_equal(a, b)
-    _, mean, var = serial
-    for a, b in zip(_core._backward_serial(dy4, x4, B, gamma2, mean, var, 1e-5, True),
-                    _core._backward_parallel(dy4, x4, B, gamma2, mean, var, 1e-5, True)):
+    outputs = []
+    for forward, backward in [(_core._forward_serial, _core._backward_serial),
+                              (_core._forward_parallel, _core._backward_parallel)]:
+        y4, dx4 = np.empty_like(x4), np.empty_like(x4)
+        mean, var = np.empty((V, G)), np.empty((V, G))
+        forward(x4, B, gamma2, beta2, 1e-5, True, y4, mean, var, _core.STATS_AND_APPLY)
+        grads = backward(dy4, x4, B, gamma2, mean, var, 1e-5, True, frozen, dx4)
+        outputs.append((y4, mean, var, dx4, *grads))
+    for a, b in zip(*outputs):
         np.testing.assert_array_equal(a, b)
 
 

@@ -4,17 +4,23 @@ Every kernel in ``normkit.kernels`` is decorated with :func:`jit` from here, so 
 threading and the floating-point policy are decided once:
 
 - ``cache=True``: a second process loads the machine code from ``__pycache__`` instead of
-  compiling again.
+  compiling again. A kernel's machine code contains the kernels it calls (from other modules
+  too), but Numba checks a cached function against its own source file only: it would keep
+  serving ``batch.py``'s cached code after ``_core.py`` changed. :func:`_drop_stale_caches`
+  therefore deletes every normkit cache file whenever any source file of the package changed.
 - ``parallel``: only the drivers that split work over channels/rows (``prange``) ask for it;
   each channel/row is reduced by one thread in a fixed order, so results do not depend on the
   number of threads or on scheduling.
 - ``fastmath``: off by default. Reductions may opt in to ``{"reassoc"}`` only (never
   ``nnan``/``ninf``: NaN must propagate); set ``NORMKIT_STRICT_FP=1`` to switch that off too.
-
-- cache invalidation: Numba checks a cached function against its own source file only, so a
-  kernel cached in ``batch.py`` would keep the machine code of the ``_core.py`` functions it was
-  compiled with after ``_core.py`` changed. :func:`_drop_stale_caches` therefore deletes every
-  normkit cache file whenever any source file of the package changed.
+- threading: the thread pool is started when this module is imported, before any cached kernel
+  is loaded. A cached serial function that calls a cached ``parallel`` one otherwise runs without
+  the threading layer set up and crashes (numba issue #8578); every public kernel here is such a
+  caller. The layer is ``omp`` (numba's default pick where TBB is absent, made explicit so every
+  machine runs the same one) unless ``NUMBA_THREADING_LAYER`` names another. With PyTorch in the
+  same process there are two GNU OpenMP runtimes (numba's links the system ``libgomp``, torch
+  ships its own): they coexist, each with its own pool; ``workqueue`` avoids the second runtime
+  but aborts when two Python threads launch parallel kernels at once, so it is not the default.
 
 ``NUMBA_DISABLE_JIT=1`` runs the whole package as plain Python (for coverage and debuggers).
 """
@@ -28,6 +34,24 @@ import types
 import numba
 
 _STRICT_FP = os.environ.get("NORMKIT_STRICT_FP", "") not in ("", "0")
+
+#: The threading layer normkit asks for (see the module docstring).
+THREADING_LAYER = "omp"
+
+
+def _start_threads() -> None:
+    from numba.np.ufunc import parallel
+
+    if not parallel._is_initialized and "NUMBA_THREADING_LAYER" not in os.environ:
+        numba.config.THREADING_LAYER = THREADING_LAYER
+        try:
+            parallel._launch_threads()
+        except ValueError:                     # no OpenMP runtime here: numba's own pick
+            numba.config.THREADING_LAYER = "default"
+    parallel._launch_threads()
+
+
+_start_threads()
 
 #: Flags a reduction kernel may use; reassociation lets LLVM vectorize sums.
 REDUCTION_FASTMATH = frozenset() if _STRICT_FP else frozenset({"reassoc"})

@@ -8,7 +8,9 @@ Layout as PyTorch: x is (N, C) or (N, C, *spatial), C-contiguous. Every function
 
 Statistics (mean, biased var) are float64 arrays of shape (C,); gamma and beta have the input's
 dtype and shape (C,); outputs have the input's dtype; dgamma/dbeta are float64. Nothing is
-validated here (the classes in ``normkit.norms`` do that) and nothing is mutated: running
+validated here (the classes in ``normkit.norms`` do that) and nothing is mutated but an ``out=``
+array: the functions returning y or dx take ``out``, a C-contiguous array of x's shape and dtype
+to write it into (reusing one saves the page faults of a fresh large array); running
 statistics come back as new arrays from :func:`running_update`.
 """
 from __future__ import annotations
@@ -27,60 +29,61 @@ def _view(x):
 
 
 @jit()
-def forward_train(x, gamma, beta, eps):
+def forward_train(x, gamma, beta, eps, out=None):
     """Normalize with the batch statistics: returns (y, batch_mean, batch_var), stats (C,).
 
     y = (x - mean) / sqrt(var + eps) * gamma + beta, var biased, per channel over (N, *S).
     """
     C = x.shape[1]
-    y4, mean, var = _core.forward_train(_view(x), x.shape[0], gamma.reshape((C, 1)),
-                                        beta.reshape((C, 1)), eps, True)
-    return y4.reshape(x.shape), mean[0], var[0]
+    y = _core.output_like(x, out)
+    _, mean, var = _core.forward_train(_view(x), x.shape[0], gamma.reshape((C, 1)),
+                                       beta.reshape((C, 1)), eps, True, _view(y))
+    return y, mean[0], var[0]
 
 
 @jit()
-def backward(dy, x, gamma, batch_mean, batch_var, eps):
+def backward(dy, x, gamma, batch_mean, batch_var, eps, out=None):
     """Gradient of :func:`forward_train`: returns (dx, dgamma, dbeta).
 
     dx = inv_std * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dy * gamma,
     means per channel over (N, *S); dgamma = sum(dy * xhat); dbeta = sum(dy).
     """
     C = x.shape[1]
-    dx4, dgamma2, dbeta2 = _core.backward(_view(dy), _view(x), x.shape[0], gamma.reshape((C, 1)),
-                                          batch_mean.reshape((1, C)), batch_var.reshape((1, C)),
-                                          eps, True)
-    return dx4.reshape(x.shape), dgamma2[:, 0].copy(), dbeta2[:, 0].copy()
+    dx = _core.output_like(x, out)
+    _, dgamma2, dbeta2 = _core.backward(_view(dy), _view(x), x.shape[0], gamma.reshape((C, 1)),
+                                        batch_mean.reshape((1, C)), batch_var.reshape((1, C)),
+                                        eps, True, _view(dx))
+    return dx, dgamma2[:, 0].copy(), dbeta2[:, 0].copy()
 
 
 @jit()
-def _inv_std(var, eps):
-    inv_std = np.empty(var.size)               # (C,) float64
-    for c in range(var.size):
-        inv_std[c] = 1.0 / np.sqrt(np.float64(var[c]) + eps)
-    return inv_std
+def _stats64(running_stat):
+    """(C,) running statistic -> (1, C) float64, the shape of batch statistics."""
+    return running_stat.astype(np.float64).reshape((1, running_stat.size))
 
 
 @jit()
-def forward_eval(x, gamma, beta, running_mean, running_var, eps):
+def forward_eval(x, gamma, beta, running_mean, running_var, eps, out=None):
     """Normalize with given (running) statistics: y = (x - mean) / sqrt(var + eps) * gamma + beta."""
     C = x.shape[1]
-    mean = running_mean.astype(np.float64).reshape((1, C))
-    inv_std = _inv_std(running_var, eps).reshape((1, C))
-    y4 = _core.apply(_view(x), x.shape[0], mean, inv_std, gamma.reshape((C, 1)), beta.reshape((C, 1)))
-    return y4.reshape(x.shape)
+    y = _core.output_like(x, out)
+    _core.apply(_view(x), x.shape[0], _stats64(running_mean), _stats64(running_var), eps,
+                gamma.reshape((C, 1)), beta.reshape((C, 1)), _view(y))
+    return y
 
 
 @jit()
-def backward_eval(dy, x, gamma, running_mean, running_var, eps):
+def backward_eval(dy, x, gamma, running_mean, running_var, eps, out=None):
     """Gradient of :func:`forward_eval` (statistics held constant): returns (dx, dgamma, dbeta).
 
     dx = dy * gamma / sqrt(var + eps); dgamma = sum(dy * xhat); dbeta = sum(dy).
     """
     C = x.shape[1]
-    dx4, dgamma2, dbeta2 = _core.backward_frozen(_view(dy), _view(x), gamma.reshape((C, 1)),
-                                                 running_mean.astype(np.float64),
-                                                 _inv_std(running_var, eps))
-    return dx4.reshape(x.shape), dgamma2[:, 0].copy(), dbeta2[:, 0].copy()
+    dx = _core.output_like(x, out)
+    _, dgamma2, dbeta2 = _core.backward_frozen(_view(dy), _view(x), gamma.reshape((C, 1)),
+                                               _stats64(running_mean), _stats64(running_var), eps,
+                                               _view(dx))
+    return dx, dgamma2[:, 0].copy(), dbeta2[:, 0].copy()
 
 
 @jit()
@@ -102,22 +105,25 @@ def running_update(running_mean, running_var, batch_mean, batch_var, count, mome
 
 
 @jit()
-def ghost_forward_train(x, gamma, beta, eps, virtual_batch_size):
+def ghost_forward_train(x, gamma, beta, eps, virtual_batch_size, out=None):
     """Batch norm on each virtual batch x[v*B:(v+1)*B] (B = virtual_batch_size divides N).
 
     Returns (y, means, vars) with per-virtual-batch statistics (N // B, C), vars biased.
     """
     C = x.shape[1]
-    y4, means, variances = _core.forward_train(_view(x), virtual_batch_size, gamma.reshape((C, 1)),
-                                               beta.reshape((C, 1)), eps, True)
-    return y4.reshape(x.shape), means, variances
+    y = _core.output_like(x, out)
+    _, means, variances = _core.forward_train(_view(x), virtual_batch_size, gamma.reshape((C, 1)),
+                                              beta.reshape((C, 1)), eps, True, _view(y))
+    return y, means, variances
 
 
 @jit()
-def ghost_backward(dy, x, gamma, means, variances, eps, virtual_batch_size):
+def ghost_backward(dy, x, gamma, means, variances, eps, virtual_batch_size, out=None):
     """Gradient of :func:`ghost_forward_train`: batch norm's backward per virtual batch;
     dgamma and dbeta are summed over the virtual batches."""
     C = x.shape[1]
-    dx4, dgamma2, dbeta2 = _core.backward(_view(dy), _view(x), virtual_batch_size,
-                                          gamma.reshape((C, 1)), means, variances, eps, True)
-    return dx4.reshape(x.shape), dgamma2[:, 0].copy(), dbeta2[:, 0].copy()
+    dx = _core.output_like(x, out)
+    _, dgamma2, dbeta2 = _core.backward(_view(dy), _view(x), virtual_batch_size,
+                                        gamma.reshape((C, 1)), means, variances, eps, True,
+                                        _view(dx))
+    return dx, dgamma2[:, 0].copy(), dbeta2[:, 0].copy()

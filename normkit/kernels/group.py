@@ -5,6 +5,9 @@ statistics float64 (N, num_groups)::
 
     y, mean, var = group.forward(x, gamma, beta, num_groups, 1e-5)
     dx, dgamma, dbeta = group.backward(dy, x, gamma, num_groups, mean, var, 1e-5)
+
+Functions returning y or dx take ``out=``: a C-contiguous array of x's shape and dtype to write
+it into (not checked).
 """
 from __future__ import annotations
 
@@ -20,23 +23,25 @@ def _view(x, num_groups):
 
 
 @jit()
-def forward(x, gamma, beta, num_groups, eps):
+def forward(x, gamma, beta, num_groups, eps, out=None):
     """y = (x - mean) / sqrt(var + eps) * gamma + beta, stats per (n, group): (y, mean, var)."""
     G = num_groups
     Cg = x.shape[1] // G
-    y4, mean, var = _core.forward_train(_view(x, G), 1, gamma.reshape((G, Cg)),
-                                        beta.reshape((G, Cg)), eps, True)
-    return y4.reshape(x.shape), mean, var
+    y = _core.output_like(x, out)
+    _, mean, var = _core.forward_train(_view(x, G), 1, gamma.reshape((G, Cg)),
+                                       beta.reshape((G, Cg)), eps, True, _view(y, G))
+    return y, mean, var
 
 
 @jit()
-def backward(dy, x, gamma, num_groups, mean, var, eps):
+def backward(dy, x, gamma, num_groups, mean, var, eps, out=None):
     """Gradient of :func:`forward`: (dx, dgamma, dbeta), dgamma/dbeta float64 (C,).
 
     dx = inv_std * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), means per (n, group).
     """
     G = num_groups
     Cg = x.shape[1] // G
-    dx4, dgamma2, dbeta2 = _core.backward(_view(dy, G), _view(x, G), 1, gamma.reshape((G, Cg)),
-                                          mean, var, eps, True)
-    return dx4.reshape(x.shape), dgamma2.reshape(gamma.shape), dbeta2.reshape(gamma.shape)
+    dx = _core.output_like(x, out)
+    _, dgamma2, dbeta2 = _core.backward(_view(dy, G), _view(x, G), 1, gamma.reshape((G, Cg)),
+                                        mean, var, eps, True, _view(dx, G))
+    return dx, dgamma2.reshape(gamma.shape), dbeta2.reshape(gamma.shape)

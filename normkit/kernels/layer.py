@@ -6,6 +6,9 @@ R = x.size // gamma.size. Same computation in training and evaluation::
 
     y, mean, var = layer.forward(x, gamma, beta, 1e-5)
     dx, dgamma, dbeta = layer.backward(dy, x, gamma, mean, var, 1e-5)
+
+Functions returning y or dx take ``out=``: a C-contiguous array of x's shape and dtype to write
+it into (not checked).
 """
 from __future__ import annotations
 
@@ -20,39 +23,43 @@ def _view(x, D):
 
 
 @jit()
-def forward(x, gamma, beta, eps):
+def forward(x, gamma, beta, eps, out=None):
     """y = (x - mean) / sqrt(var + eps) * gamma + beta per row: returns (y, mean, var), (R,)."""
     D = gamma.size
-    y4, mean, var = _core.forward_train(_view(x, D), 1, gamma.reshape((1, D)), beta.reshape((1, D)),
-                                        eps, True)
-    return y4.reshape(x.shape), mean[:, 0].copy(), var[:, 0].copy()
+    y = _core.output_like(x, out)
+    _, mean, var = _core.forward_train(_view(x, D), 1, gamma.reshape((1, D)), beta.reshape((1, D)),
+                                       eps, True, _view(y, D))
+    return y, mean[:, 0].copy(), var[:, 0].copy()
 
 
 @jit()
-def backward(dy, x, gamma, mean, var, eps):
+def backward(dy, x, gamma, mean, var, eps, out=None):
     """Gradient of :func:`forward`: (dx, dgamma, dbeta), dgamma/dbeta float64 of gamma's shape.
 
     dx = inv_std * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) per row, dxhat = dy * gamma.
     """
     D = gamma.size
     R = x.size // D
-    dx4, dgamma2, dbeta2 = _core.backward(_view(dy, D), _view(x, D), 1, gamma.reshape((1, D)),
-                                          mean.reshape((R, 1)), var.reshape((R, 1)), eps, True)
-    return dx4.reshape(x.shape), dgamma2.reshape(gamma.shape), dbeta2.reshape(gamma.shape)
+    dx = _core.output_like(x, out)
+    _, dgamma2, dbeta2 = _core.backward(_view(dy, D), _view(x, D), 1, gamma.reshape((1, D)),
+                                        mean.reshape((R, 1)), var.reshape((R, 1)), eps, True,
+                                        _view(dx, D))
+    return dx, dgamma2.reshape(gamma.shape), dbeta2.reshape(gamma.shape)
 
 
 @jit()
-def rms_forward(x, gamma, eps):
+def rms_forward(x, gamma, eps, out=None):
     """y = x / sqrt(mean(x^2) + eps) * gamma per row: returns (y, mean_square), (R,)."""
     D = gamma.size
     zero_beta = gamma.reshape((1, D)) * 0
-    y4, _, mean_square = _core.forward_train(_view(x, D), 1, gamma.reshape((1, D)), zero_beta, eps,
-                                             False)
-    return y4.reshape(x.shape), mean_square[:, 0].copy()
+    y = _core.output_like(x, out)
+    _, _, mean_square = _core.forward_train(_view(x, D), 1, gamma.reshape((1, D)), zero_beta, eps,
+                                            False, _view(y, D))
+    return y, mean_square[:, 0].copy()
 
 
 @jit()
-def rms_backward(dy, x, gamma, mean_square, eps):
+def rms_backward(dy, x, gamma, mean_square, eps, out=None):
     """Gradient of :func:`rms_forward`: (dx, dgamma).
 
     With xhat = x * inv_rms: dx = inv_rms * (dxhat - xhat * mean(dxhat * xhat)), dxhat = dy * gamma.
@@ -60,6 +67,7 @@ def rms_backward(dy, x, gamma, mean_square, eps):
     D = gamma.size
     R = x.size // D
     zero_mean = mean_square.reshape((R, 1)) * 0.0
-    dx4, dgamma2, _ = _core.backward(_view(dy, D), _view(x, D), 1, gamma.reshape((1, D)), zero_mean,
-                                     mean_square.reshape((R, 1)), eps, False)
-    return dx4.reshape(x.shape), dgamma2.reshape(gamma.shape)
+    dx = _core.output_like(x, out)
+    _, dgamma2, _ = _core.backward(_view(dy, D), _view(x, D), 1, gamma.reshape((1, D)), zero_mean,
+                                   mean_square.reshape((R, 1)), eps, False, _view(dx, D))
+    return dx, dgamma2.reshape(gamma.shape)

@@ -36,27 +36,31 @@ def correction(batch_mean, batch_var, running_mean, running_var, eps, r_max, d_m
 
 
 @jit()
-def forward_train(x, gamma, beta, running_mean, running_var, eps, r_max, d_max):
-    """Returns (y, batch_mean, batch_var, r, d); statistics and r, d float64 (C,)."""
+def forward_train(x, gamma, beta, running_mean, running_var, eps, r_max, d_max, out=None):
+    """Returns (y, batch_mean, batch_var, r, d); statistics and r, d float64 (C,).
+
+    ``out``: a C-contiguous array of x's shape and dtype to write y into (not checked)."""
     C = x.shape[1]
     x4 = _view(x)
     mean, var = _core.moments(x4, x.shape[0], True)
     r, d = correction(mean[0], var[0], running_mean, running_var, eps, r_max, d_max)
     gamma_r = (gamma * r).astype(gamma.dtype)
     beta_d = (beta + gamma * d).astype(beta.dtype)
-    inv_std = 1.0 / np.sqrt(var + eps)
-    y4 = _core.apply(x4, x.shape[0], mean, inv_std, gamma_r.reshape((C, 1)), beta_d.reshape((C, 1)))
-    return y4.reshape(x.shape), mean[0], var[0], r, d
+    y = _core.output_like(x, out)
+    _core.apply(x4, x.shape[0], mean, var, eps, gamma_r.reshape((C, 1)), beta_d.reshape((C, 1)),
+                _view(y))
+    return y, mean[0], var[0], r, d
 
 
 @jit()
-def backward(dy, x, gamma, batch_mean, batch_var, r, d, eps):
+def backward(dy, x, gamma, batch_mean, batch_var, r, d, eps, out=None):
     """Gradient of :func:`forward_train` with r, d held constant: (dx, dgamma, dbeta)."""
     C = x.shape[1]
     gamma_r = (gamma * r).astype(gamma.dtype)
-    dx4, dgamma2, dbeta2 = _core.backward(_view(dy), _view(x), x.shape[0], gamma_r.reshape((C, 1)),
-                                          batch_mean.reshape((1, C)), batch_var.reshape((1, C)),
-                                          eps, True)
+    dx = _core.output_like(x, out)
+    _, dgamma2, dbeta2 = _core.backward(_view(dy), _view(x), x.shape[0], gamma_r.reshape((C, 1)),
+                                        batch_mean.reshape((1, C)), batch_var.reshape((1, C)),
+                                        eps, True, _view(dx))
     dbeta = dbeta2[:, 0].copy()
     dgamma = r * dgamma2[:, 0] + d * dbeta
-    return dx4.reshape(x.shape), dgamma, dbeta
+    return dx, dgamma, dbeta
