@@ -11,7 +11,8 @@ with an empty cache, then a second process with the cache filled). Implementatio
     normkit        normkit.make(...).forward / .backward (checks, state, a fresh output array)
     normkit-reuse  the same with reuse_buffers=True (the output arrays are reused)
     kernel         the functional kernel with an ``out=`` array (no checks, no allocation)
-    numpy          normkit.reference (plain NumPy)
+    numpy          normkit.reference (plain NumPy; timed right after the others, on its own,
+                   since one call takes up to a second)
     torch          torch.nn.functional on CPU, torch.set_num_threads = Numba's thread count;
                    backward is torch.autograd.grad of the recorded forward
 
@@ -193,9 +194,12 @@ def run_case(case, torch, args):
         impls["torch"] = _torch(torch, case, x, dy, norm)
     rows = []
     for direction in case.directions:
-        fns = {name: fns[direction] for name, fns in impls.items()}
+        fns = {name: fns[direction] for name, fns in impls.items() if name != "numpy"}
         timings = interleaved(fns, max_time=args.max_time, min_rounds=args.min_rounds,
                               gap=args.gap)
+        if "numpy" in impls:                   # up to a second a call: timed on its own
+            timings.update(interleaved({"numpy": impls["numpy"][direction]}, min_rounds=3,
+                                       max_time=args.max_time / 2))
         for name, t in timings.items():
             rows.append(dict(case=case.key, label=case.label, shape="x".join(map(str, case.shape)),
                              dtype=np.dtype(case.dtype).name, impl=name, direction=direction,
@@ -343,7 +347,7 @@ def jit_table(story: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------
 
-def machine_description(threads: int, bandwidths) -> str:
+def machine_description(threads: int, bandwidths, loads) -> str:
     cpu = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
@@ -357,7 +361,10 @@ def machine_description(threads: int, bandwidths) -> str:
     return (f"{cpu}, {os.cpu_count()} CPUs, {threads} threads (Numba layer {layer_name!r}), "
             f"streaming bandwidth {max(bandwidths) / 1e9:.1f} GB/s (NumPy copy of 256 MiB; "
             f"measurements {', '.join(f'{b / 1e9:.1f}' for b in bandwidths)}); "
-            f"Python {platform.python_version()}, NumPy {np.__version__}, Numba {numba.__version__}")
+            f"1-min load average {loads[0]:.1f} before, {loads[1]:.1f} after (other processes "
+            f"share the cores: more than ~0.5 means the figures are pessimistic); "
+            f"Python {platform.python_version()}, NumPy {np.__version__}, Numba {numba.__version__}"
+            + (f", PyTorch {sys.modules['torch'].__version__}" if "torch" in sys.modules else ""))
 
 
 def main(argv=None):
@@ -373,7 +380,7 @@ def main(argv=None):
                              "workers do not steal the cores of the next sample (default 2e-3)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench" / "kernels.csv")
     args = parser.parse_args(argv)
-    args.max_time = args.max_time or (1.0 if args.quick else 3.0)
+    args.max_time = args.max_time or (1.0 if args.quick else 2.5)
     args.min_rounds = 5 if args.quick else 9
     cases = CASES if not args.cases else [c for c in CASES if c.key in args.cases.split(",")]
 
@@ -384,6 +391,7 @@ def main(argv=None):
     if torch is not None:
         torch.set_num_threads(threads)
 
+    load_before = os.getloadavg()[0]
     story = None if args.no_jit else jit_story()
     bandwidths = [stream_bandwidth()]
     warm_up_threads()
@@ -405,7 +413,7 @@ def main(argv=None):
     args.out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out, index=False, float_format="%.4g")
 
-    machine = machine_description(threads, bandwidths)
+    machine = machine_description(threads, bandwidths, (load_before, os.getloadavg()[0]))
     print(f"\nMachine: {machine}\n")
     print(markdown_table(df))
     if story:
