@@ -22,6 +22,13 @@ import numba
 
 _STRICT_FP = os.environ.get("NORMKIT_STRICT_FP", "") not in ("", "0")
 
+# Start numba's thread pool now, before any kernel runs. A cached kernel that calls a parallel
+# one (every public kernel calling a ``serial_and_parallel`` twin) is stored without numba's
+# "start the threads on reload" hook when the parallel callee itself came from the cache in the
+# session that compiled the caller (numba 0.6x); loading it in a fresh process then calls a null
+# pointer (segfault). ``get_num_threads`` is the public call that starts the pool.
+numba.get_num_threads()
+
 #: Flags a reduction kernel may use; reassociation lets LLVM vectorize sums.
 REDUCTION_FASTMATH = frozenset() if _STRICT_FP else frozenset({"reassoc"})
 
