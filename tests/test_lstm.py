@@ -435,6 +435,8 @@ def test_clip_grad_norm_matches_torch():
     small = {"a": np.full(4, 0.1, np.float32)}
     clip_grad_norm(small, 10.0)
     np.testing.assert_array_equal(small["a"], np.float32(0.1))          # under the limit: kept
+    with pytest.raises(ValueError, match="C-contiguous"):          # a copy would not be clipped
+        clip_grad_norm({"a": np.ones((4, 4))[:, ::2]}, 1.0)
 
 
 # -- bad input ----------------------------------------------------------------------------------

@@ -291,14 +291,18 @@ class LSTM:
 def clip_grad_norm(grads: dict[str, np.ndarray], max_norm: float) -> float:
     """Scale every gradient in place so that their global L2 norm is at most ``max_norm``
     (PyTorch's ``clip_grad_norm_``: factor max_norm / (norm + 1e-6) when below 1). Returns the
-    norm before clipping."""
+    norm before clipping. The arrays must be C-contiguous (as ``LSTM.grads`` are)."""
     max_norm = _check_finite("max_norm", max_norm)
     if max_norm <= 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
-    total = math.sqrt(sum(_kernels.sum_of_squares(np.ascontiguousarray(g)) for g in grads.values()))
+    for key, g in grads.items():
+        if not (isinstance(g, np.ndarray) and g.flags.c_contiguous and g.dtype.kind == "f"):
+            raise ValueError(f"grads[{key!r}] must be a C-contiguous float array (clipped in place)")
+    flat = [g.reshape(-1) for g in grads.values()]     # views, so scaling writes through
+    total = math.sqrt(sum(_kernels.sum_of_squares(g) for g in flat))
     factor = max_norm / (total + 1e-6)
     if factor < 1:
-        for g in grads.values():
+        for g in flat:
             _kernels.scale_inplace(g, factor)
     return total
 
