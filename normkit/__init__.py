@@ -8,10 +8,12 @@ The kernels under it are importable on their own: ``normkit.kernels.batch.forwar
 """
 from .norms import (BatchNorm, BatchRenorm, GhostBatchNorm, GroupNorm, Identity, InstanceNorm,
                     LayerNorm, Norm, RMSNorm, available, make, register)
+from .recurrent import RecurrentBatchNorm
 
 __version__ = "0.1.0"
 
 __all__ = [
     "make", "available", "register", "Norm", "BatchNorm", "GhostBatchNorm", "BatchRenorm",
-    "LayerNorm", "GroupNorm", "InstanceNorm", "RMSNorm", "Identity", "__version__",
+    "LayerNorm", "GroupNorm", "InstanceNorm", "RMSNorm", "Identity", "RecurrentBatchNorm",
+    "__version__",
 ]

@@ -34,7 +34,7 @@ def _assert_same_snapshot(a, b):
 
 def test_available_lists_every_name():
     assert normkit.available() == sorted(
-        ["batch", "ghost", "renorm", "layer", "group", "instance", "rms", "none"])
+        ["batch", "ghost", "renorm", "layer", "group", "instance", "rms", "none", "recurrent_batch"])
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)

@@ -15,6 +15,7 @@ larger ones and every convolution (im2col) use BLAS matmul: run with one BLAS th
 share the cores — OpenBLAS's threads on a busy 2-core machine made a batch-128 Conv1d 10x slower.
 """
 from . import init
+from .lstm import LSTM
 from .layers import (Conv1d, Conv2d, Dense, Dropout, Flatten, GlobalAvgPool, Layer, ReLU,
                      Sigmoid, Tanh)
 from .losses import BinaryCrossEntropy, SoftmaxCrossEntropy
@@ -24,5 +25,5 @@ from .sequential import Sequential
 __all__ = [
     "init", "Layer", "Dense", "Conv1d", "Conv2d", "ReLU", "Tanh", "Sigmoid", "Dropout",
     "Flatten", "GlobalAvgPool", "Sequential", "SoftmaxCrossEntropy", "BinaryCrossEntropy",
-    "Optimizer", "SGD", "Adam", "RMSProp", "clip_grad_norm",
+    "Optimizer", "SGD", "Adam", "RMSProp", "clip_grad_norm", "LSTM",
 ]

@@ -1,0 +1,659 @@
+"""Recurrent batch norm for sequences, and the fused LSTM kernels (plain, BN-LSTM, LN-LSTM).
+
+Sequences are time-major and C-contiguous: x (T, N, F). A ``mask`` (T, N) bool marks the
+positions that hold data; padded positions (False) enter no statistics, get output 0 and
+gradient 0, whatever values they hold.
+
+Per-step batch norm (Cooijmans et al., 2017) keeps one set of statistics per *slot*::
+
+    per_step=True     slot t = step t: statistics over the (valid) rows of step t     stats (T, F)
+    per_step=False    one slot: statistics over all (valid) (t, n)                   stats (1, F)
+
+Evaluation with running statistics (S, F) normalizes step t with slot min(t, S - 1): beyond the
+S steps seen in training, with the statistics of the last one.
+
+Two implementations of training. :func:`forward_train` / :func:`backward` are ``_core``'s batch
+norm on the view (T*N, F, 1, 1) with the statistics batch B = N (per step) or T*N (shared):
+ghost batch norm whose virtual batches are the time steps. They take no mask, and ``_core``
+reads this layout column by column (~4x slower at T=784, N=100, F=400), so the ``Norm`` class
+uses the row-major masked kernels (all-True mask when there is none) and the tests hold the two
+against each other. Over the valid rows of a slot only (count of them: ``count``)::
+
+    mean = sum(x) / count      var = sum((x - mean)^2) / count      (two passes, float64)
+    y    = (x - mean) * inv_std * gamma + beta                        (0 on padded rows)
+    dx   = gamma * inv_std * (dy - sum(dy) / count - xhat * sum(dy * xhat) / count)
+    dgamma = sum(dy * xhat)    dbeta = sum(dy)                        (valid rows only)
+
+With frozen (running) statistics the two sums drop out of dx: dx = gamma * inv_std * dy.
+
+Usage::
+
+    y, mean, var = recurrent.forward_train(x, gamma, beta, 1e-5, True)        # stats (T, F)
+    dx, dgamma, dbeta = recurrent.backward(dy, x, gamma, mean, var, 1e-5, True)
+    y, mean, var, count = recurrent.masked_forward_train(x, mask, gamma, beta, 1e-5, True)
+    y = recurrent.forward_eval(x, mask, gamma, beta, running_mean, running_var, 1e-5)
+
+The fused LSTM (:func:`lstm_forward`, :func:`lstm_backward`) is documented further down.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _core
+from . import batch as _batch
+from ._jit import jit
+
+#: Normalization of the recurrent term and of the cell in the fused LSTM kernels.
+NORM_NONE, NORM_BATCH, NORM_LAYER = 0, 1, 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-step batch norm without a mask: _core on a view
+# ---------------------------------------------------------------------------------------------
+
+@jit()
+def _steps_view(x):
+    """(T, N, F) -> (T*N, F, 1, 1): features are the groups, time steps the virtual batches."""
+    T, N, F = x.shape
+    return x.reshape((T * N, F, 1, 1))
+
+
+@jit()
+def forward_train(x, gamma, beta, eps, per_step):
+    """Normalize x (T, N, F) with batch statistics per step (or shared): (y, mean, var).
+
+    mean, var: float64 (T, F) if per_step else (1, F); var is biased.
+    """
+    T, N, F = x.shape
+    B = N if per_step else T * N
+    y4, mean, var = _core.forward_train(_steps_view(x), B, gamma.reshape((F, 1)),
+                                        beta.reshape((F, 1)), eps, True)
+    return y4.reshape(x.shape), mean, var
+
+
+@jit()
+def backward(dy, x, gamma, mean, var, eps, per_step):
+    """Gradient of :func:`forward_train`: (dx, dgamma, dbeta), dgamma/dbeta float64 (F,)."""
+    T, N, F = x.shape
+    B = N if per_step else T * N
+    dx4, dgamma2, dbeta2 = _core.backward(_steps_view(dy), _steps_view(x), B, gamma.reshape((F, 1)),
+                                          mean, var, eps, True)
+    return dx4.reshape(x.shape), dgamma2[:, 0].copy(), dbeta2[:, 0].copy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked batch norm over a block of steps x3 (K, N, F), mask2 (K, N): the pieces every masked
+# kernel and the fused LSTM share. Rows are read in memory order; per-feature sums are vectors.
+# ---------------------------------------------------------------------------------------------
+
+@jit(reduction=True)
+def _masked_moments(x3, mask2, mean, var):
+    """Per-feature mean and biased variance over the valid rows, written into mean, var (F,)
+    float64 (both 0 if no row is valid). Returns the number of valid rows."""
+    K, N, F = x3.shape
+    count = 0
+    for f in range(F):
+        mean[f] = 0.0
+        var[f] = 0.0
+    for k in range(K):
+        for n in range(N):
+            if mask2[k, n]:
+                count += 1
+                row = x3[k, n]                 # (F,)
+                for f in range(F):
+                    mean[f] += row[f]
+    if count == 0:
+        return 0
+    for f in range(F):
+        mean[f] /= count
+    for k in range(K):
+        for n in range(N):
+            if mask2[k, n]:
+                row = x3[k, n]
+                for f in range(F):
+                    dev = row[f] - mean[f]
+                    var[f] += dev * dev
+    for f in range(F):
+        var[f] /= count
+    return count
+
+
+@jit()
+def _masked_apply(x3, mask2, mean, inv_std, gamma, beta, y3):
+    """y3 = (x3 - mean) * inv_std * gamma + beta on valid rows, 0 on padded rows."""
+    K, N, F = x3.shape
+    scale = np.empty(F)                        # (F,) float64
+    for f in range(F):
+        scale[f] = inv_std[f] * gamma[f]
+    for k in range(K):
+        for n in range(N):
+            yrow = y3[k, n]                    # (F,)
+            if mask2[k, n]:
+                row = x3[k, n]
+                for f in range(F):
+                    yrow[f] = (row[f] - mean[f]) * scale[f] + beta[f]
+            else:
+                yrow[:] = 0
+
+
+@jit(reduction=True)
+def _masked_backward_block(dy3, x3, mask2, mean, inv_std, gamma, batch_stats, dx3, sum_dy,
+                           sum_dy_xhat):
+    """dx3 on valid rows (0 on padded rows); writes the block's dbeta = sum(dy) and
+    dgamma = sum(dy * xhat) into sum_dy, sum_dy_xhat (F,) float64. ``batch_stats``: the
+    statistics came from this block (training) rather than being constants."""
+    K, N, F = x3.shape
+    count = 0
+    for f in range(F):
+        sum_dy[f] = 0.0
+        sum_dy_xhat[f] = 0.0
+    for k in range(K):
+        for n in range(N):
+            if mask2[k, n]:
+                count += 1
+                row = x3[k, n]
+                drow = dy3[k, n]
+                for f in range(F):
+                    sum_dy[f] += drow[f]
+                    sum_dy_xhat[f] += drow[f] * (row[f] - mean[f])
+    scale = np.empty(F)                        # (F,) gamma * inv_std
+    mean_dy = np.zeros(F)                      # (F,) sum(dy) / count, if batch statistics
+    mean_dy_xhat = np.zeros(F)                 # (F,) sum(dy * xhat) / count, same
+    for f in range(F):
+        sum_dy_xhat[f] *= inv_std[f]
+        scale[f] = gamma[f] * inv_std[f]
+        if batch_stats and count > 0:
+            mean_dy[f] = sum_dy[f] / count
+            mean_dy_xhat[f] = sum_dy_xhat[f] / count
+    for k in range(K):
+        for n in range(N):
+            dxrow = dx3[k, n]
+            if mask2[k, n]:
+                row = x3[k, n]
+                drow = dy3[k, n]
+                for f in range(F):
+                    xhat = (row[f] - mean[f]) * inv_std[f]
+                    dxrow[f] = scale[f] * (drow[f] - mean_dy[f] - xhat * mean_dy_xhat[f])
+            else:
+                dxrow[:] = 0
+
+
+@jit()
+def _inv_std(var, eps):
+    """1 / sqrt(var + eps), float64, same shape as var (1-D)."""
+    out = np.empty(var.size)
+    for f in range(var.size):
+        out[f] = 1.0 / np.sqrt(np.float64(var[f]) + eps)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked per-step batch norm on (T, N, F) (serial: the unmasked path is _core's parallel one)
+# ---------------------------------------------------------------------------------------------
+
+@jit()
+def masked_forward_train(x, mask, gamma, beta, eps, per_step):
+    """Batch norm of x (T, N, F) over the valid rows of each step (or of all steps):
+    (y, mean, var, count), stats float64 (S, F), count int64 (S,) with S = T or 1.
+
+    Padded positions get y = 0. A slot without valid rows gets mean = var = 0 and count 0.
+    """
+    T, N, F = x.shape
+    S = T if per_step else 1
+    K = 1 if per_step else T                   # steps per slot
+    y = np.empty_like(x)
+    mean = np.empty((S, F))
+    var = np.empty((S, F))
+    count = np.empty(S, np.int64)
+    for s in range(S):
+        block = slice(s * K, (s + 1) * K)
+        count[s] = _masked_moments(x[block], mask[block], mean[s], var[s])
+        _masked_apply(x[block], mask[block], mean[s], _inv_std(var[s], eps), gamma, beta, y[block])
+    return y, mean, var, count
+
+
+@jit()
+def _masked_backward_steps(dy, x, mask, gamma, mean, var, eps, batch_stats):
+    """dx, dgamma, dbeta over blocks of steps: one block of all T steps if a single slot of batch
+    statistics spans them, else block t = step t with slot min(t, S - 1)."""
+    T, N, F = x.shape
+    S = mean.shape[0]
+    K = T if (batch_stats and S == 1) else 1   # steps per block
+    blocks = T // K
+    dx = np.empty_like(x)
+    dgamma = np.zeros(F)
+    dbeta = np.zeros(F)
+    sum_dy = np.empty(F)
+    sum_dy_xhat = np.empty(F)
+    for j in range(blocks):
+        s = min(j, S - 1)
+        block = slice(j * K, (j + 1) * K)
+        _masked_backward_block(dy[block], x[block], mask[block], mean[s], _inv_std(var[s], eps),
+                               gamma, batch_stats, dx[block], sum_dy, sum_dy_xhat)
+        for f in range(F):
+            dgamma[f] += sum_dy_xhat[f]
+            dbeta[f] += sum_dy[f]
+    return dx, dgamma, dbeta
+
+
+@jit()
+def masked_backward(dy, x, mask, gamma, mean, var, eps, per_step):
+    """Gradient of :func:`masked_forward_train`: (dx, dgamma, dbeta); dx = 0 on padded rows.
+    (``per_step`` is implied by the shape of the statistics, (T, F) or (1, F).)"""
+    return _masked_backward_steps(dy, x, mask, gamma, mean, var, eps, True)
+
+
+@jit()
+def forward_eval(x, mask, gamma, beta, running_mean, running_var, eps):
+    """Normalize x (T, N, F) with running statistics (S, F): step t uses slot min(t, S - 1).
+    Padded positions get 0."""
+    T, N, F = x.shape
+    S = running_mean.shape[0]
+    y = np.empty_like(x)
+    for t in range(T):
+        s = min(t, S - 1)
+        mean = running_mean[s].astype(np.float64)
+        _masked_apply(x[t:t + 1], mask[t:t + 1], mean, _inv_std(running_var[s], eps), gamma, beta,
+                      y[t:t + 1])
+    return y
+
+
+@jit()
+def backward_eval(dy, x, mask, gamma, running_mean, running_var, eps):
+    """Gradient of :func:`forward_eval` (statistics constant): (dx, dgamma, dbeta)."""
+    return _masked_backward_steps(dy, x, mask, gamma, running_mean.astype(np.float64),
+                                  running_var.astype(np.float64), eps, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running statistics
+# ---------------------------------------------------------------------------------------------
+
+@jit()
+def pool_steps(mean, var, count):
+    """Statistics of all steps together from per-step ones: (mean (1, F), var (1, F), count (1,)).
+
+    With c_t valid rows at step t: mean = sum c_t mean_t / C, var = sum c_t (var_t +
+    (mean_t - mean)^2) / C, C = sum c_t (biased variances, as batch norm over all steps).
+    """
+    S, F = mean.shape
+    total = 0
+    for s in range(S):
+        total += count[s]
+    pooled_mean = np.zeros((1, F))
+    pooled_var = np.zeros((1, F))
+    if total > 0:
+        for s in range(S):
+            for f in range(F):
+                pooled_mean[0, f] += count[s] * mean[s, f]
+        for f in range(F):
+            pooled_mean[0, f] /= total
+        for s in range(S):
+            for f in range(F):
+                dev = mean[s, f] - pooled_mean[0, f]
+                pooled_var[0, f] += count[s] * (var[s, f] + dev * dev)
+        for f in range(F):
+            pooled_var[0, f] /= total
+    pooled_count = np.full(1, total, np.int64)
+    return pooled_mean, pooled_var, pooled_count
+
+
+@jit()
+def running_update(running_mean, running_var, batch_mean, batch_var, count, momentum):
+    """New running statistics (S, F) after a batch with statistics (K, F), K <= S: slot s < K is
+    updated by batch norm's rule (``batch.running_update``: unbiased variance, ``momentum`` = the
+    weight of the new batch) when count[s] > 0; every other slot is copied unchanged."""
+    new_mean = running_mean.copy()
+    new_var = running_var.copy()
+    for s in range(batch_mean.shape[0]):
+        if count[s] > 0:
+            m, v = _batch.running_update(running_mean[s], running_var[s], batch_mean[s],
+                                         batch_var[s], count[s], momentum)
+            new_mean[s] = m
+            new_var[s] = v
+    return new_mean, new_var
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused LSTM
+#
+# Gate order (f, i, o, g); W_h (H, 4H). The input term xn_t = Norm_x(x_t W_x) (T, N, 4H) comes
+# in precomputed for all steps: it does not depend on the recurrence, so one GEMM and one call of
+# the registry's norm do it for the whole sequence. Per step::
+#
+#     r_t = h_{t-1} W_h                                    (N, 4H)   BLAS
+#     a_t = Norm_h(r_t; gamma_h, beta_h) + xn_t + b        (N, 4H)
+#     f, i, o = sigmoid(a_f, a_i, a_o)    g = tanh(a_g)
+#     c_t = f * c_{t-1} + i * g                            (N, H)
+#     h_t = o * tanh(Norm_c(c_t; gamma_c, beta_c))
+#
+# Padded rows (mask[t, n] False) carry their state: h_t = h_{t-1}, c_t = c_{t-1}.
+# Norm kinds: NORM_NONE (identity), NORM_BATCH (masked batch norm per step: batch statistics in
+# training, running-statistics slot min(t, S - 1) otherwise), NORM_LAYER (per row, over the
+# features: _core's layer norm).
+#
+# Backpropagation through time, dh and dc being dL/dh_t and dL/dc_t from later steps:
+#
+#     dh  += d_out_t                           (valid rows; padded rows pass dh, dc unchanged)
+#     do   = dh * tanh(cn)    dcn = dh * o * (1 - tanh(cn)^2)
+#     dc  += Norm_c'(dcn)
+#     da_f = dc * c_{t-1} * f (1 - f)   da_i = dc * g * i (1 - i)
+#     da_g = dc * i * (1 - g^2)         da_o = do * o (1 - o)
+#     dxn_t = da_t    db += sum_n da_t    dr_t = Norm_h'(da_t)
+#     dh = dr_t W_h^T    dc = dc * f
+#
+# and after the loop dW_h = sum_t h_{t-1}^T dr_t as ONE GEMM over (T*N) rows, dh0 = dh, dc0 = dc.
+# ---------------------------------------------------------------------------------------------
+
+# Activations. float64 takes libm's exp and tanh (exact to the last ulp or so, as the tests
+# against PyTorch in float64 need). float32 takes a rational approximation of tanh (Eigen's
+# ``generic_fast_tanh_float``, 13/6 degrees on [-7.9, 7.9], within 6 float32 ulps) and
+# sigmoid(a) = 0.5 + 0.5 tanh(a / 2): plain arithmetic, so LLVM vectorizes the gate loops, where a
+# call to libm's expf/tanhf per element costs 5-25x more (numba has no vector math library here).
+
+@jit(inline=True)
+def _tanh_rational(x):
+    """tanh(x) for float32 x: max error 3.5e-7 (<= 6 ulp)."""
+    clip = np.float32(7.90531110763549805)
+    x = min(max(x, -clip), clip)
+    x2 = x * x
+    p = np.float32(-2.76076847742355e-16)
+    p = p * x2 + np.float32(2.00018790482477e-13)
+    p = p * x2 + np.float32(-8.60467152213735e-11)
+    p = p * x2 + np.float32(5.12229709037114e-08)
+    p = p * x2 + np.float32(1.48572235717979e-05)
+    p = p * x2 + np.float32(6.37261928875436e-04)
+    p = p * x2 + np.float32(4.89352455891786e-03)
+    q = np.float32(1.19825839466702e-06)
+    q = q * x2 + np.float32(1.18534705686654e-04)
+    q = q * x2 + np.float32(2.26843463243900e-03)
+    q = q * x2 + np.float32(4.89352518554385e-03)
+    return p * x / q
+
+
+@jit(inline=True)
+def _tanh(a, fast):
+    if fast:
+        return _tanh_rational(a)
+    return np.tanh(a)
+
+
+@jit(inline=True)
+def _sigmoid(a, fast):
+    if fast:
+        half = np.float32(0.5)
+        return half + half * _tanh_rational(half * a)
+    return 1.0 / (1.0 + np.exp(-a))
+
+
+@jit(reduction=True)
+def _layer_rows_forward(v, gamma, beta, eps, mean, var, out):
+    """Layer norm of each row of v (N, F) into out; mean, var (N,) float64."""
+    N, F = v.shape
+    for n in range(N):
+        row = v[n]
+        total = 0.0
+        for f in range(F):
+            total += row[f]
+        m = total / F
+        squares = 0.0
+        for f in range(F):
+            dev = row[f] - m
+            squares += dev * dev
+        mean[n] = m
+        var[n] = squares / F
+        inv_std = 1.0 / np.sqrt(var[n] + eps)
+        out_row = out[n]
+        for f in range(F):
+            out_row[f] = (row[f] - m) * (inv_std * gamma[f]) + beta[f]
+
+
+@jit(reduction=True)
+def _layer_rows_backward(dy, v, gamma, mean, var, eps, dx, dgamma, dbeta):
+    """Gradient of :func:`_layer_rows_forward`: dx (N, F); adds into dgamma, dbeta (F,)."""
+    N, F = v.shape
+    for n in range(N):
+        row = v[n]
+        drow = dy[n]
+        inv_std = 1.0 / np.sqrt(var[n] + eps)
+        mean_dxhat = 0.0
+        mean_dxhat_xhat = 0.0
+        for f in range(F):
+            xhat = (row[f] - mean[n]) * inv_std
+            dxhat = drow[f] * gamma[f]
+            mean_dxhat += dxhat
+            mean_dxhat_xhat += dxhat * xhat
+            dgamma[f] += drow[f] * xhat
+            dbeta[f] += drow[f]
+        mean_dxhat /= F
+        mean_dxhat_xhat /= F
+        dx_row = dx[n]
+        for f in range(F):
+            xhat = (row[f] - mean[n]) * inv_std
+            dx_row[f] = inv_std * (drow[f] * gamma[f] - mean_dxhat - xhat * mean_dxhat_xhat)
+
+
+@jit()
+def _norm_forward_step(kind, batch_stats, v, mask, t, gamma, beta, frozen_mean, frozen_var, eps,
+                       mean, var, out):
+    """Normalize v (N, F) of step t into out (N, F); mean, var (T, F) [batch] or (T, N) [layer]
+    receive the step's statistics."""
+    N, F = v.shape
+    if kind == NORM_BATCH:
+        v3 = v.reshape((1, N, F))
+        if batch_stats:
+            _masked_moments(v3, mask[t:t + 1], mean[t], var[t])
+        else:
+            s = min(t, frozen_mean.shape[0] - 1)
+            for f in range(F):
+                mean[t, f] = frozen_mean[s, f]
+                var[t, f] = frozen_var[s, f]
+        _masked_apply(v3, mask[t:t + 1], mean[t], _inv_std(var[t], eps), gamma, beta,
+                      out.reshape((1, N, F)))
+    elif kind == NORM_LAYER:
+        _layer_rows_forward(v, gamma, beta, eps, mean[t], var[t], out)
+    else:
+        out[...] = v
+
+
+@jit()
+def _norm_backward_step(kind, batch_stats, dy, v, mask, t, gamma, mean, var, eps, dx, dgamma,
+                        dbeta):
+    """Gradient of :func:`_norm_forward_step` for step t: dx (N, F); adds into dgamma, dbeta."""
+    N, F = v.shape
+    if kind == NORM_BATCH:
+        sum_dy = np.empty(F)
+        sum_dy_xhat = np.empty(F)
+        _masked_backward_block(dy.reshape((1, N, F)), v.reshape((1, N, F)), mask[t:t + 1], mean[t],
+                               _inv_std(var[t], eps), gamma, batch_stats, dx.reshape((1, N, F)),
+                               sum_dy, sum_dy_xhat)
+        for f in range(F):
+            dgamma[f] += sum_dy_xhat[f]
+            dbeta[f] += sum_dy[f]
+    elif kind == NORM_LAYER:
+        _layer_rows_backward(dy, v, gamma, mean[t], var[t], eps, dx, dgamma, dbeta)
+    else:
+        dx[...] = dy
+
+
+@jit()
+def _stats_shape(kind, T, N, F):
+    if kind == NORM_BATCH:
+        return (T, F)
+    if kind == NORM_LAYER:
+        return (T, N)
+    return (0, 0)
+
+
+@jit()
+def _gates_step(t, rn, xn, b, mask, c, gates, fast):
+    """a = rn + xn_t + b; gates[t] = (f, i, o, g); c[t+1] = f * c[t] + i * g (padded: c[t]).
+    (Loops with one output stream each, so that LLVM vectorizes them.)"""
+    N, H = c.shape[1], c.shape[2]
+    for n in range(N):
+        if not mask[t, n]:
+            c[t + 1, n] = c[t, n]
+            gates[t, n] = 0
+            continue
+        r_row = rn[n]                          # (4H,)
+        x_row = xn[t, n]
+        g_row = gates[t, n]
+        for k in range(3 * H):                 # f, i, o
+            g_row[k] = _sigmoid(r_row[k] + x_row[k] + b[k], fast)
+        for k in range(3 * H, 4 * H):          # g
+            g_row[k] = _tanh(r_row[k] + x_row[k] + b[k], fast)
+        c_prev = c[t, n]                       # (H,)
+        c_new = c[t + 1, n]
+        for j in range(H):
+            c_new[j] = g_row[j] * c_prev[j] + g_row[H + j] * g_row[3 * H + j]
+
+
+@jit()
+def _output_step(t, cn, mask, gates, h, tanh_cn, fast):
+    """h[t+1] = o * tanh(cn) on valid rows (tanh_cn[t] kept for BPTT), h[t] on padded rows."""
+    N, H = cn.shape
+    for n in range(N):
+        if not mask[t, n]:
+            h[t + 1, n] = h[t, n]
+            tanh_cn[t, n] = 0
+            continue
+        o_row = gates[t, n, 2 * H:3 * H]
+        for j in range(H):
+            th = _tanh(cn[n, j], fast)
+            tanh_cn[t, n, j] = th
+            h[t + 1, n, j] = o_row[j] * th
+
+
+@jit()
+def lstm_forward(xn, W_h, b, h0, c0, mask, kind, batch_stats, gamma_h, beta_h, gamma_c, beta_c,
+                 frozen_h, frozen_c, eps):
+    """All T steps of the LSTM in one call (see the comment above for the math).
+
+    xn (T, N, 4H) the normalized input term; W_h (H, 4H); b (4H,); h0, c0 (N, H); mask (T, N)
+    bool; kind NORM_NONE / NORM_BATCH / NORM_LAYER for the recurrent term and the cell;
+    batch_stats: batch norm with batch statistics (training) rather than ``frozen_h``,
+    ``frozen_c`` = (running_mean, running_var) of shapes (S, 4H), (S, H). Gammas and betas (4H,)
+    and (H,) (unused for NORM_NONE).
+
+    Returns what :func:`lstm_backward` needs: (h, c, r, gates, tanh_cn, stats), with h, c
+    (T+1, N, H) (h[0] = h0, h[t+1] the output of step t), r (T, N, 4H) = h_{t-1} W_h,
+    gates (T, N, 4H) = (f, i, o, g) after their nonlinearity, tanh_cn (T, N, H) and
+    stats = (mean_h, var_h, mean_c, var_c) float64: per step (T, F) for batch norm (the batch
+    statistics in training: the running update uses them), per row (T, N) for layer norm.
+    """
+    T, N, G = xn.shape
+    H = G // 4
+    dtype = xn.dtype
+    h = np.empty((T + 1, N, H), dtype)
+    c = np.empty((T + 1, N, H), dtype)
+    h[0] = h0
+    c[0] = c0
+    r = np.empty((T, N, G), dtype)
+    gates = np.empty((T, N, G), dtype)
+    tanh_cn = np.empty((T, N, H), dtype)
+    mean_h = np.zeros(_stats_shape(kind, T, N, G))
+    var_h = np.zeros(_stats_shape(kind, T, N, G))
+    mean_c = np.zeros(_stats_shape(kind, T, N, H))
+    var_c = np.zeros(_stats_shape(kind, T, N, H))
+    fast = xn.itemsize == 4                    # float32: vectorizable activations
+    rn = np.empty((N, G), dtype)               # normalized recurrent term of the current step
+    cn = np.empty((N, H), dtype)               # normalized cell of the current step
+    for t in range(T):
+        np.dot(h[t], W_h, r[t])
+        _norm_forward_step(kind, batch_stats, r[t], mask, t, gamma_h, beta_h, frozen_h[0],
+                           frozen_h[1], eps, mean_h, var_h, rn)
+        _gates_step(t, rn, xn, b, mask, c, gates, fast)
+        _norm_forward_step(kind, batch_stats, c[t + 1], mask, t, gamma_c, beta_c, frozen_c[0],
+                           frozen_c[1], eps, mean_c, var_c, cn)
+        _output_step(t, cn, mask, gates, h, tanh_cn, fast)
+    return h, c, r, gates, tanh_cn, (mean_h, var_h, mean_c, var_c)
+
+
+@jit()
+def _output_backward_step(t, d_seq, mask, gates, tanh_cn, dh, da, dcn):
+    """dh += d_seq[t]; da_o and dcn (N, H) from dh, on valid rows (dcn = 0 on padded rows)."""
+    N, H = dh.shape
+    for n in range(N):
+        if not mask[t, n]:
+            dcn[n] = 0
+            continue
+        if d_seq.shape[0] > 0:
+            for j in range(H):
+                dh[n, j] += d_seq[t, n, j]
+        o_row = gates[t, n, 2 * H:3 * H]
+        th_row = tanh_cn[t, n]
+        for j in range(H):
+            o = o_row[j]
+            th = th_row[j]
+            da[n, 2 * H + j] = dh[n, j] * th * o * (1 - o)
+            dcn[n, j] = dh[n, j] * o * (1 - th * th)
+
+
+@jit()
+def _gates_backward_step(t, mask, gates, c, dc_local, dc, da, db):
+    """dc += dc_local; da_f, da_i, da_g from dc; dc = dc * f. Padded rows: da = 0, dc kept."""
+    N, H = dc.shape
+    for n in range(N):
+        if not mask[t, n]:
+            da[n] = 0
+            continue
+        g_row = gates[t, n]
+        c_prev = c[t, n]
+        for j in range(H):
+            f = g_row[j]
+            i = g_row[H + j]
+            g = g_row[3 * H + j]
+            dc_total = dc[n, j] + dc_local[n, j]
+            da[n, j] = dc_total * c_prev[j] * f * (1 - f)
+            da[n, H + j] = dc_total * g * i * (1 - i)
+            da[n, 3 * H + j] = dc_total * i * (1 - g * g)
+            dc[n, j] = dc_total * f
+        for k in range(4 * H):
+            db[k] += da[n, k]
+
+
+@jit()
+def lstm_backward(d_seq, d_last, W_h, mask, kind, batch_stats, gamma_h, gamma_c, eps, h, c, r,
+                  gates, tanh_cn, stats):
+    """Backpropagation through time over all T steps in one call (math in the comment above).
+
+    d_seq (T, N, H) = dL/d(output of each step), or an empty (0, N, H) array if only the last
+    state is used; d_last (N, H) = dL/dh_T. The rest as :func:`lstm_forward` took and returned.
+
+    Returns (dxn, dW_h, db, dgamma_h, dbeta_h, dgamma_c, dbeta_c, dh0, dc0): dxn (T, N, 4H) =
+    dL/d(normalized input term), gradients of dtype float64 for b and the norm parameters,
+    of the input's dtype for dxn, dW_h, dh0, dc0.
+    """
+    mean_h, var_h, mean_c, var_c = stats
+    T, N, G = r.shape
+    H = G // 4
+    dtype = r.dtype
+    dxn = np.empty((T, N, G), dtype)           # = da of every step
+    dr = np.empty((T, N, G), dtype) if kind != NORM_NONE else dxn
+    db = np.zeros(G)
+    dgamma_h = np.zeros(G)
+    dbeta_h = np.zeros(G)
+    dgamma_c = np.zeros(H)
+    dbeta_c = np.zeros(H)
+    dh = d_last.copy()                         # (N, H) dL/dh_t
+    dc = np.zeros((N, H), dtype)               # (N, H) dL/dc_t
+    dcn = np.empty((N, H), dtype)
+    dc_local = np.empty((N, H), dtype)
+    dh_prev = np.empty((N, H), dtype)
+    W_hT = np.ascontiguousarray(W_h.T)         # (4H, H)
+    for t in range(T - 1, -1, -1):
+        da = dxn[t]
+        _output_backward_step(t, d_seq, mask, gates, tanh_cn, dh, da, dcn)
+        _norm_backward_step(kind, batch_stats, dcn, c[t + 1], mask, t, gamma_c, mean_c, var_c, eps,
+                            dc_local, dgamma_c, dbeta_c)
+        _gates_backward_step(t, mask, gates, c, dc_local, dc, da, db)
+        if kind != NORM_NONE:
+            _norm_backward_step(kind, batch_stats, da, r[t], mask, t, gamma_h, mean_h, var_h, eps,
+                                dr[t], dgamma_h, dbeta_h)
+        np.dot(dr[t], W_hT, dh_prev)
+        for n in range(N):
+            if mask[t, n]:
+                dh[n] = dh_prev[n]
+    h_prev = h.reshape(((T + 1) * N, H))[:T * N]   # (T*N, H) rows h_{t-1}
+    dW_h = np.dot(h_prev.T, dr.reshape((T * N, G)))
+    return dxn, dW_h, db, dgamma_h, dbeta_h, dgamma_c, dbeta_c, dh, dc
