@@ -427,9 +427,11 @@ def fit(model, criterion, optimizer, data, *, epochs: int, batch_size: int,
     return history
 
 
+@np.errstate(over="ignore", invalid="ignore", divide="ignore")
 def _train_step(model, criterion, optimizer, x_batch, y_batch):
     """One update: (loss, outputs), or None (and no update) if the loss or a parameter is not
-    finite. ``outputs`` is the model's buffer: read it before the next forward."""
+    finite. ``outputs`` is the model's buffer: read it before the next forward. Overflow on the
+    way to a divergence is expected (the loss check catches it), so it does not warn."""
     try:
         outputs = model.forward(x_batch, training=True)
     except ValueError:
@@ -448,6 +450,7 @@ def _train_step(model, criterion, optimizer, x_batch, y_batch):
 # Evaluation
 # ---------------------------------------------------------------------------------------------
 
+@np.errstate(over="ignore", invalid="ignore", divide="ignore")
 def evaluate(model, criterion, x: np.ndarray, y: np.ndarray, *, batch_size: int,
              error_fn: Callable[[np.ndarray, np.ndarray], float] | None = classification_errors,
              batch_stats: bool = False) -> tuple[float, float]:
@@ -459,7 +462,8 @@ def evaluate(model, criterion, x: np.ndarray, y: np.ndarray, *, batch_size: int,
     last one filled up by wrapping around to the first rows, which are not counted twice.
     ``model.state`` is restored after every batch, so running statistics (and batch
     renormalization's r and d, which depend on them) are the same for every batch and the model
-    is left as it was. ``error_fn=None`` gives an error of NaN.
+    is left as it was. ``error_fn=None`` gives an error of NaN. A model on its way to diverge
+    may overflow here: that gives an inf/NaN loss, not a warning.
     """
     _check_int("batch_size", batch_size, 1)
     n = len(x)
