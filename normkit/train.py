@@ -257,10 +257,7 @@ def build_model(config: TrainConfig, input_shape: tuple[int, ...], num_classes: 
         width_in, length = input_shape
         k, stride = config.kernel_size, config.conv_stride
         for width in config.hidden_widths:
-            length = _conv_length(length, k, stride)
-            if length < 1:
-                raise ValueError(f"input length {input_shape[1]} is too short for "
-                                 f"{len(config.hidden_widths)} convolutions of stride {stride}")
+            length = _conv_length(length, k, stride)         # >= 1: padding is k // 2
             layers += [Conv1d(width_in, width, k, stride=stride, padding=k // 2, **layer_options),
                        make_norm(config, width, length), ReLU()]
             width_in = width
