@@ -1,0 +1,908 @@
+"""Tables, verdicts and figures of the claims study, computed from runs.csv.
+
+Each claim has an ``analyze_<claim>(frame) -> ClaimReport``: its tables, a verdict from a rule
+stated in the report (applied to the means over seeds of the ok runs), the line of numbers
+behind it, and a figure. :func:`tables` and :func:`figures` are the study's hooks. The runner
+hands the hooks a DataFrame but not the results folder, so the per-claim ``<claim>.md`` and the
+``README.md`` are written by the figures themselves: a :class:`ReportFigure` writes its text
+files next to its PNG when the runner saves it (matplotlib is needed for them, as for the PNGs).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from normkit.sweep import aggregate, format_mean_std, markdown_table
+
+from _claims_experiments import (CURVE_EPOCHS, LANDSCAPE_STEPS, MNIST1D_SAMPLES,
+                                 SATURATION_EPOCHS, TARGET_ERROR)
+from _claims_measure import SATURATION_DERIVATIVE
+
+HOLDS, FAILS, MIXED = "holds", "does not hold", "mixed"
+CHANCE_ERROR = 0.9                     # ten classes
+NORM_COLORS = {"none": "tab:gray", "batch": "tab:blue", "layer": "tab:orange"}
+
+
+@dataclasses.dataclass
+class ClaimReport:
+    claim: str
+    title: str
+    statement: str                       # the published statement tested, with its source
+    setup: str                           # what was run
+    rule: str                            # how the verdict follows from the numbers
+    verdict: str
+    evidence: str                        # the numbers behind the verdict, one paragraph
+    tables: dict[str, pd.DataFrame]
+    draw: Callable[[Figure], None]
+    figsize: tuple[float, float] = (10, 3.6)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    extra: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (verdict, line)
+
+
+class ReportFigure(Figure):
+    """A Figure that also writes ``text_files`` ({file name: text}) next to itself when saved."""
+
+    def __init__(self, *args, text_files: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.text_files = dict(text_files or {})
+
+    def savefig(self, fname, *args, **kwargs):
+        super().savefig(fname, *args, **kwargs)
+        folder = Path(fname).parent
+        for name, text in self.text_files.items():
+            (folder / name).write_text(text, encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+def _ok(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame[frame["status"] == "ok"]
+
+
+def _mean(frame: pd.DataFrame, by: list[str], column: str) -> pd.Series:
+    """Mean of ``column`` over the ok runs per group."""
+    return _ok(frame).groupby(by)[column].mean()
+
+
+def _pm(values: pd.Series, digits: int = 3) -> str:
+    values = values.dropna()
+    if values.empty:
+        return "—"
+    return format_mean_std(values.mean(), values.std() if len(values) > 1 else math.nan, digits)
+
+
+def _seeds(frame: pd.DataFrame) -> int:
+    return int(frame["seed"].nunique())
+
+
+def _verdict(results: list[bool]) -> str:
+    if results and all(results):
+        return HOLDS
+    return MIXED if any(results) else FAILS
+
+
+def _pct(x: float) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f} %"
+
+
+def _axes_row(figure: Figure, count: int):
+    return [figure.add_subplot(1, count, i + 1) for i in range(count)]
+
+
+def _band(axes, x, mean, std, label, color=None, **style):
+    mean, std = np.asarray(mean, float), np.nan_to_num(np.asarray(std, float))
+    line, = axes.plot(x, mean, marker="o", markersize=3, label=label, color=color, **style)
+    axes.fill_between(x, mean - std, mean + std, alpha=0.15, color=line.get_color())
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Higher learning rates
+# ---------------------------------------------------------------------------------------------
+
+LR_TOLERANCE = 0.05
+
+
+def analyze_learning_rate(frame: pd.DataFrame) -> ClaimReport:
+    summary_rows, results, lines = [], [], []
+    for model, part in frame.groupby("model", sort=False):
+        counts = part.groupby(["norm", "lr"])["status"]
+        stable = counts.apply(lambda s: bool((s == "ok").all()))           # no diverged seed
+        mean = _mean(part, ["norm", "lr"], "test_error")
+        best = mean.min()
+        good = {}
+        for norm in part["norm"].unique():
+            lrs = [lr for lr in sorted(part["lr"].unique())
+                   if stable.get((norm, lr), False)
+                   and mean.get((norm, lr), math.inf) <= best + LR_TOLERANCE]
+            diverged = (part[part["norm"] == norm]["status"] == "diverged").mean()
+            stable_lrs = [lr for lr in sorted(part["lr"].unique()) if stable.get((norm, lr), False)]
+            good[norm] = lrs
+            summary_rows.append({
+                "model": model, "norm": norm, "good learning rates": len(lrs),
+                "good range": f"{min(lrs):g} .. {max(lrs):g}" if lrs else "—",
+                "largest stable lr": f"{max(stable_lrs):g}" if stable_lrs else "—",
+                "best test error": _pct(mean.xs(norm).min()) if norm in mean.index else "—",
+                "diverged runs": f"{100 * diverged:.0f} %"})
+        if "batch" in good and "none" in good:
+            wider = len(good["batch"]) > len(good["none"])
+            higher = bool(good["batch"]) and (not good["none"]
+                                               or max(good["batch"]) > max(good["none"]))
+            results.append(wider and higher)
+            lines.append(f"{model}: batch trains well at {len(good['batch'])} of "
+                         f"{part['lr'].nunique()} learning rates "
+                         f"({_range(good['batch'])}), none at {len(good['none'])} "
+                         f"({_range(good['none'])}), layer at {len(good.get('layer', []))} "
+                         f"(best mean test error {_pct(best)})")
+    table = aggregate(frame, rows="lr", cols=["model", "norm"], value="test_error")
+    summary = pd.DataFrame(summary_rows)
+
+    def draw(figure: Figure) -> None:
+        models = list(frame["model"].unique())
+        for axes, model in zip(_axes_row(figure, len(models)), models):
+            part = frame[frame["model"] == model]
+            for norm, rows in part.groupby("norm", sort=False):
+                ok = _ok(rows).groupby("lr")["test_error"]
+                _band(axes, ok.mean().index, ok.mean(), ok.std(), norm, NORM_COLORS.get(norm))
+                diverged = rows.groupby("lr")["status"].apply(lambda s: (s == "diverged").mean())
+                hit = diverged[diverged > 0]
+                axes.scatter(hit.index, [1.0] * len(hit), marker="x", s=20 + 60 * hit.values,
+                             color=NORM_COLORS.get(norm))
+            axes.set_xscale("log")
+            axes.set_ylim(0, 1.05)
+            axes.set_xlabel("learning rate (SGD, no momentum)")
+            axes.set_ylabel("test error")
+            axes.set_title(f"{'MLP, digits' if model == 'mlp' else 'CNN, MNIST-1D'}"
+                           " (x: diverged)", fontsize=9)
+            axes.legend(fontsize=8)
+
+    return ClaimReport(
+        claim="learning_rate", title="1. Higher learning rates",
+        statement="Ioffe & Szegedy (2015), Sec. 3.3 \"Batch Normalization enables higher "
+                  "learning rates\": without it, high learning rates make gradients explode or "
+                  "vanish; with it, training tolerates them.",
+        setup=f"MLP 64-128-128-10 on the digits and the 3-layer Conv1d network of normkit.train "
+              f"on MNIST-1D ({MNIST1D_SAMPLES} samples), plain SGD (no momentum), batch 32, "
+              f"{int(frame['epochs'].max())} epochs, learning rates "
+              f"{', '.join(f'{v:g}' for v in sorted(frame['lr'].unique()))}; "
+              f"{_seeds(frame)} seeds.",
+        rule=f"A learning rate *trains well* for a norm if no seed diverged (non-finite loss) "
+             f"and the mean test error is within {LR_TOLERANCE:.2f} of the best mean test error "
+             f"any norm reached on that model. The claim holds on a model if batch norm trains "
+             f"well at more learning rates than no normalization and its largest good learning "
+             f"rate is higher; holds overall if on every model, mixed if on some.",
+        verdict=_verdict(results), evidence="; ".join(lines) + ".",
+        tables={"test error (mean ± std over seeds)": table, "range of good learning rates":
+                summary},
+        draw=draw)
+
+
+def _range(lrs: list[float]) -> str:
+    return f"{min(lrs):g} .. {max(lrs):g}" if lrs else "none"
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Initialization
+# ---------------------------------------------------------------------------------------------
+
+def analyze_initialization(frame: pd.DataFrame) -> ClaimReport:
+    frame = frame.assign(error_or_chance=frame["test_error"].where(frame["status"] == "ok",
+                                                                   CHANCE_ERROR))
+    error = frame.groupby(["norm", "init_scale"])["error_or_chance"].mean()
+    spread = {norm: float(error.xs(norm).max() - error.xs(norm).min())
+              for norm in frame["norm"].unique()}
+    layers = [c for c in frame.columns if c.startswith("grad_norm_")]
+    hidden = layers[:-1]                                          # the output layer has no norm
+    grads = frame.groupby(["norm", "init_scale"])[layers].median()   # diverged runs included
+    typical = np.exp(np.log(grads[hidden].clip(lower=1e-300)).mean(axis=1))   # geometric mean
+    decades = {norm: float(np.log10(typical.xs(norm).max() / typical.xs(norm).min()))
+               for norm in frame["norm"].unique()}
+    depth_ratio = grads[hidden[0]] / grads[hidden[-1]]
+    sensitivity_ok = spread.get("batch", math.inf) <= 0.5 * spread.get("none", 0.0)
+    gradient_ok = decades.get("batch", math.inf) <= 1.0 < decades.get("none", 0.0)
+
+    error_table = aggregate(frame, rows="init_scale", cols="norm", value="test_error")
+    epochs_table = aggregate(frame, rows="init_scale", cols="norm", value="epochs_to_target",
+                             digits=3)
+    grad_table = grads.apply(lambda col: col.map(lambda v: f"{v:.2e}"))
+    grad_table.columns = [f"layer {c.rsplit('_', 1)[1]}" for c in grad_table.columns]
+    grad_table["first / last hidden"] = depth_ratio.map(lambda v: f"{v:.3g}")
+    evidence = (f"final test error (diverged runs counted as chance, {CHANCE_ERROR}) varies over "
+                f"the init scales by {_spread_text(spread)}; the typical hidden-layer gradient "
+                f"norm at init spans {', '.join(f'{k} {v:.1f}' for k, v in decades.items())} "
+                f"decades over the scales; first/last hidden layer gradient ratio with batch "
+                f"norm {_ratio_range(depth_ratio, 'batch')}, without "
+                f"{_ratio_range(depth_ratio, 'none')}")
+
+    def draw(figure: Figure) -> None:
+        left, middle, right = _axes_row(figure, 3)
+        for norm, rows in frame.groupby("norm", sort=False):
+            stats = rows.groupby("init_scale")["error_or_chance"]
+            _band(left, stats.mean().index, stats.mean(), stats.std(), norm, NORM_COLORS.get(norm))
+            middle.plot(typical.xs(norm).index, typical.xs(norm), marker="o", label=norm,
+                        color=NORM_COLORS.get(norm))
+        scales = sorted(frame["init_scale"].unique())
+        colors = dict(zip(scales, ("tab:purple", "tab:blue", "tab:green", "tab:red", "tab:brown")))
+        for (norm, scale), row in grads.iterrows():
+            if norm in ("none", "batch"):
+                right.plot(range(len(layers)), row.values, marker=".", color=colors.get(scale),
+                           linestyle="-" if norm == "batch" else "--",
+                           label=f"{norm} ×{scale:g}")
+        left.set(xscale="log", xlabel="init scale (×He)", ylabel="final test error",
+                 ylim=(0, 1))
+        middle.set(xscale="log", yscale="log", xlabel="init scale (×He)",
+                   ylabel="||dL/dW|| at init (hidden layers)")
+        right.set(yscale="log", xlabel="layer", ylabel="||dL/dW|| at init")
+        for axes in (left, middle):
+            axes.legend(fontsize=8)
+        right.legend(fontsize=6, ncol=2)
+        left.set_title("error (diverged = chance)", fontsize=9)
+        middle.set_title("gradient size vs weight scale", fontsize=9)
+        right.set_title("per layer: batch (solid), none (dashed)", fontsize=9)
+
+    return ClaimReport(
+        claim="initialization", title="2. Less sensitivity to initialization",
+        statement="Ioffe & Szegedy (2015), abstract and Sec. 3.3: batch norm lets us be less "
+                  "careful about initialization; BN(Wu) = BN((aW)u), so back-propagation "
+                  "through a layer is unaffected by the scale of its weights (larger weights "
+                  "get smaller gradients) and gradients do not vanish or explode.",
+        setup=f"MLP with 6 hidden layers of 64 on the digits, He-uniform init times the scale "
+              f"(every layer, output included), SGD lr 0.02 momentum 0.9, batch 32, "
+              f"{int(frame['epochs'].max())} epochs; target test error {TARGET_ERROR} "
+              f"(epochs to target = epochs + 1 if never reached); gradient norms on the first "
+              f"256 training digits at init (training mode; median over {_seeds(frame)} seeds). "
+              f"He-uniform gives ||W|| ≈ a sqrt(2 fan_out) (≈ 11.3 a for 64 units), so a "
+              f"layer's relative gradient ||dL/dW|| / ||W|| is the table's norm / (11.3 a).",
+        rule="Sensitivity: the claim holds for the error if the spread (max - min over the "
+             "scales) of batch norm's mean final test error is at most half of that without "
+             "normalization. Gradients: it holds if the typical hidden-layer gradient norm "
+             "(geometric mean over the hidden layers) spans at most one decade over the scales "
+             "with batch norm and more than one without. Holds if both, mixed if one.",
+        verdict=_verdict([sensitivity_ok, gradient_ok]), evidence=evidence + ".",
+        tables={"final test error": error_table,
+                f"epochs to test error {TARGET_ERROR}": epochs_table,
+                "gradient norms at init (median over seeds)": grad_table.reset_index()},
+        draw=draw, figsize=(13, 3.8))
+
+
+def _spread_text(spread: dict) -> str:
+    return ", ".join(f"{k} {100 * v:.1f} points" for k, v in spread.items())
+
+
+def _ratio_range(ratio: pd.Series, norm: str) -> str:
+    if norm not in ratio.index.get_level_values(0):
+        return "—"
+    values = ratio.xs(norm)
+    return f"{values.min():.3g} .. {values.max():.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Regularization
+# ---------------------------------------------------------------------------------------------
+
+def _variant(row) -> str:
+    name = "batch" if row["norm"] == "batch" else "none"
+    if row["dropout"] > 0:
+        name = "dropout" if name == "none" else "batch+dropout"
+    return name
+
+
+def analyze_regularization(frame: pd.DataFrame) -> ClaimReport:
+    frame = frame.assign(variant=frame.apply(_variant, axis=1),
+                         gap=frame["test_error"] - frame["train_error"])
+    error = _mean(frame, ["batch_size", "variant"], "test_error").unstack()
+    gap = _mean(frame, ["batch_size", "variant"], "gap").unstack()
+    results = []
+    if {"none", "batch"} <= set(error.columns):
+        benefit = error["none"] - error["batch"]
+        gap_benefit = gap["none"] - gap["batch"]
+        results = [bool(b > 0 and g > 0) for b, g in zip(benefit, gap_benefit)]
+        evidence = ("test error none - batch (points) by batch size: "
+                    + ", ".join(f"{bs}: {100 * b:+.1f}" for bs, b in benefit.items())
+                    + "; train-test gap none - batch: "
+                    + ", ".join(f"{bs}: {100 * g:+.1f}" for bs, g in gap_benefit.items()))
+        if "batch+dropout" in error.columns and "dropout" in error.columns:
+            evidence += ("; batch+dropout vs batch: " + ", ".join(
+                f"{bs}: {100 * (error['batch'][bs] - error['batch+dropout'][bs]):+.1f}"
+                for bs in error.index) + "; dropout alone vs none: " + ", ".join(
+                f"{bs}: {100 * (error['none'][bs] - error['dropout'][bs]):+.1f}"
+                for bs in error.index))
+    else:
+        evidence = "no runs of both none and batch"
+    order = [v for v in ("none", "batch", "batch+dropout", "dropout") if v in frame["variant"].unique()]
+
+    def draw(figure: Figure) -> None:
+        left, right = _axes_row(figure, 2)
+        for variant in order:
+            rows = _ok(frame[frame["variant"] == variant])
+            for axes, column in ((left, "test_error"), (right, "gap")):
+                stats = rows.groupby("batch_size")[column]
+                _band(axes, stats.mean().index, stats.mean(), stats.std(), variant)
+        left.set(xscale="log", xlabel="batch size", ylabel="test error")
+        right.set(xscale="log", xlabel="batch size", ylabel="test error - train error")
+        for axes in (left, right):
+            axes.legend(fontsize=8)
+        left.set_title(f"{int(frame['train_size'].max())} training digits", fontsize=9)
+
+    tables = {"test error": aggregate(frame, rows="batch_size", cols="variant",
+                                      value="test_error")[order],
+              "train error": aggregate(frame, rows="batch_size", cols="variant",
+                                       value="train_error")[order],
+              "train-test gap": aggregate(frame, rows="batch_size", cols="variant",
+                                          value="gap")[order]}
+    return ClaimReport(
+        claim="regularization", title="3. A regularizing effect",
+        statement="Ioffe & Szegedy (2015), Sec. 3.4 \"Batch Normalization regularizes the "
+                  "model\": an example is seen together with the others of its mini-batch, so "
+                  "the network no longer produces deterministic values for it; dropout can be "
+                  "removed or reduced. The noise of the batch statistics is the supposed "
+                  "regularizer, so the effect should grow as the batch shrinks.",
+        setup=f"The first {int(frame['train_size'].max())} training digits (the full test set "
+              f"of 450 for testing), MLP 64-128-128-10, SGD lr 0.02 momentum 0.9, "
+              f"{int(frame['steps'].max())} updates at every batch size (so every variant "
+              f"fits the training set), dropout p = 0.5 after each hidden layer where named; "
+              f"errors in evaluation mode; {_seeds(frame)} seeds.",
+        rule="Holds at a batch size if batch norm's mean test error and mean train-test gap "
+             "are both below those without normalization; holds if at every batch size, mixed "
+             "if at some. (With the batch as large as the training set, batch statistics carry "
+             "no noise: a benefit there is not the noise.)",
+        verdict=_verdict(results), evidence=evidence + ".", tables=tables, draw=draw)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Cost
+# ---------------------------------------------------------------------------------------------
+
+COST_COLUMNS = {"train_epoch_s": "train epoch", "infer_batch_s": "inference, 256 examples",
+                "infer_one_s": "inference, 1 example"}
+
+
+def analyze_cost(frame: pd.DataFrame) -> ClaimReport:
+    ok = _ok(frame).reindex(columns=list(frame.columns) + [
+        c for c in ("infer_batch_folded_s", "infer_one_folded_s", "fold_error")
+        if c not in frame.columns])
+    rows, results, lines = [], [], []
+    for model, part in ok.groupby("model", sort=False):
+        median = part.groupby("norm")[list(COST_COLUMNS) + ["infer_batch_folded_s",
+                                                              "infer_one_folded_s"]].median()
+        if "none" not in median.index:
+            continue
+        base = median.loc["none"]
+        for norm in median.index:
+            row = {"model": model, "norm": norm}
+            for column, label in COST_COLUMNS.items():
+                row[f"{label} (ms)"] = 1e3 * median.loc[norm, column]
+                row[f"{label} / none"] = median.loc[norm, column] / base[column]
+            rows.append(row)
+            if norm == "batch":
+                rows.append({"model": model, "norm": "batch, folded",
+                             **{f"{COST_COLUMNS[c]} (ms)": 1e3 * median.loc[norm, f]
+                                for c, f in (("infer_batch_s", "infer_batch_folded_s"),
+                                             ("infer_one_s", "infer_one_folded_s"))},
+                             **{f"{COST_COLUMNS[c]} / none": median.loc[norm, f] / base[c]
+                                for c, f in (("infer_batch_s", "infer_batch_folded_s"),
+                                             ("infer_one_s", "infer_one_folded_s"))}})
+        if "batch" in median.index:
+            train_ratio = median.loc["batch", "train_epoch_s"] / base["train_epoch_s"]
+            infer_ratio = median.loc["batch", "infer_batch_s"] / base["infer_batch_s"]
+            folded_ratio = median.loc["batch", "infer_batch_folded_s"] / base["infer_batch_s"]
+            results.append(train_ratio > 1.1)
+            layer = (f", layer norm {median.loc['layer', 'train_epoch_s'] / base['train_epoch_s']:.2f}x"
+                     if "layer" in median.index else "")
+            lines.append(f"{model}: a training epoch with batch norm takes "
+                         f"{train_ratio:.2f}x the time without{layer}; inference on 256 "
+                         f"examples {infer_ratio:.2f}x, folded {folded_ratio:.2f}x")
+    fold_error = ok["fold_error"].dropna()
+    table = pd.DataFrame(rows)
+    if not fold_error.empty:
+        lines.append(f"folded outputs differ from unfolded by at most "
+                     f"{fold_error.max():.1e} of the largest output (float32)")
+
+    def draw(figure: Figure) -> None:
+        models = list(table["model"].unique()) if len(table) else []
+        for axes, model in zip(_axes_row(figure, max(len(models), 1)), models):
+            part = table[table["model"] == model].set_index("norm")
+            labels = list(COST_COLUMNS.values())
+            width = 0.8 / len(part)
+            for i, (norm, row) in enumerate(part.iterrows()):
+                values = [row.get(f"{label} / none", np.nan) for label in labels]
+                axes.bar(np.arange(len(labels)) + i * width, values, width, label=norm)
+            axes.axhline(1.0, color="black", linewidth=0.8)
+            axes.set_xticks(np.arange(len(labels)) + 0.4 - width / 2, labels, fontsize=8)
+            axes.set_ylabel("time / time without normalization")
+            axes.set_title(f"{'MLP, digits' if model == 'mlp' else 'CNN, MNIST-1D'} "
+                           "(median over repeats)", fontsize=9)
+            axes.legend(fontsize=8)
+
+    return ClaimReport(
+        claim="cost", title="4. A cost in computation",
+        statement="Batch norm adds work to every training step (statistics, normalization and "
+                  "their backward); at inference it is a fixed affine map per channel (Ioffe & "
+                  "Szegedy, 2015, Sec. 3.1) that can be folded into the preceding linear layer "
+                  "for free.",
+        setup=f"The MLP (digits) and CNN (MNIST-1D) of claim 1, batch 32, SGD; per run: one "
+              f"warm-up epoch, then the fastest of 3 timed epochs, and the fastest of 5 repeats "
+              f"of 20 (256 examples) or 200 (1 example) evaluation-mode calls; batch norm also "
+              f"through normkit.inference.fold. One thread per process, {_seeds(frame)} runs "
+              f"per cell (median), two runs in parallel on a shared 2-core machine: expect "
+              f"noise of ~10-20 %.",
+        rule="Holds if a training epoch with batch norm takes more than 1.1x the time without "
+             "normalization on every model (median over runs); the folded inference time is "
+             "reported, not judged.",
+        verdict=_verdict(results), evidence="; ".join(lines) + ".",
+        tables={"time per call, and relative to none": table.round(4)}, draw=draw,
+        figsize=(10, 3.6))
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Internal covariate shift and the landscape
+# ---------------------------------------------------------------------------------------------
+
+def analyze_covariate_shift(frame: pd.DataFrame) -> ClaimReport:
+    rel = [c for c in frame.columns if c.startswith("ics_rel_")]
+    cos = [c for c in frame.columns if c.startswith("ics_cos_")]
+    ok = _ok(frame).assign(ics_rel=lambda f: f[rel].mean(axis=1),
+                           ics_cos=lambda f: f[cos].mean(axis=1))
+    means = ok.groupby(["lr", "norm"])[["ics_l2", "ics_rel", "ics_cos", "loss_range",
+                                        "gradient_change", "beta", "test_error"]].mean()
+    ics_results, smooth_results, lines = [], [], []
+    for lr in sorted(ok["lr"].unique()):
+        if not {"none", "batch"} <= set(means.xs(lr).index):
+            continue
+        none, batch = means.loc[(lr, "none")], means.loc[(lr, "batch")]
+        ics_results.append(bool(batch["ics_rel"] < none["ics_rel"]
+                                and batch["ics_cos"] > none["ics_cos"]))
+        smooth_results.append(bool(batch["loss_range"] < none["loss_range"]
+                                   and batch["gradient_change"] < none["gradient_change"]))
+        lines.append(f"lr {lr:g}: relative ICS none {none['ics_rel']:.3f} vs batch "
+                     f"{batch['ics_rel']:.3f} (raw ||G - G'|| {none['ics_l2']:.3g} vs "
+                     f"{batch['ics_l2']:.3g}), cosine {none['ics_cos']:.3f} vs "
+                     f"{batch['ics_cos']:.3f}; loss range along the gradient "
+                     f"{none['loss_range']:.3g} vs {batch['loss_range']:.3g}, relative gradient "
+                     f"change {none['gradient_change']:.3g} vs {batch['gradient_change']:.3g}, "
+                     f"beta {none['beta']:.3g} vs {batch['beta']:.3g}")
+    per_layer = ok.groupby(["lr", "norm"])[rel + cos].mean()
+    per_layer.columns = [("relative ICS, layer " if c.startswith("ics_rel") else "cosine, layer ")
+                         + c.rsplit("_", 1)[1] for c in per_layer.columns]
+    summary = {column: aggregate(frame.assign(ics_rel=frame[rel].mean(axis=1),
+                                              ics_cos=frame[cos].mean(axis=1)),
+                                 rows="lr", cols="norm", value=column)
+               for column in ("ics_l2", "ics_rel", "ics_cos", "loss_range", "gradient_change",
+                              "beta", "test_error")}
+    summary_table = pd.concat(summary, axis=1)
+    summary_table.columns = [" · ".join(map(str, c)) for c in summary_table.columns]
+
+    def draw(figure: Figure) -> None:
+        left, middle, right = _axes_row(figure, 3)
+        layers = [int(c.rsplit("_", 1)[1]) for c in rel]
+        for (lr, norm), row in ok.groupby(["lr", "norm"])[rel + cos].mean().iterrows():
+            style = dict(color=NORM_COLORS.get(norm), marker="o", markersize=3,
+                         linestyle="-" if lr == ok["lr"].max() else ":",
+                         label=f"{norm}, lr {lr:g}")
+            left.plot(layers, row[rel].values, **style)
+            middle.plot(layers, row[cos].values, **style)
+        keys = ["loss_range", "gradient_change"]
+        groups = list(means.index)
+        width = 0.8 / max(len(groups), 1)
+        for i, (lr, norm) in enumerate(groups):
+            right.bar(np.arange(len(keys)) + i * width, means.loc[(lr, norm), keys].values,
+                      width, label=f"{norm}, lr {lr:g}", color=NORM_COLORS.get(norm),
+                      alpha=1.0 if lr == ok["lr"].max() else 0.5)
+        right.set_xticks(np.arange(len(keys)) + 0.4 - width / 2,
+                         ["loss range", "rel. gradient change"], fontsize=8)
+        right.set_yscale("log")
+        left.set(xlabel="layer", ylabel="||G - G'|| / ||G||")
+        middle.set(xlabel="layer", ylabel="cos(G, G')")
+        left.set_title("internal covariate shift", fontsize=9)
+        middle.set_title("(1 = no shift)", fontsize=9)
+        right.set_title("along the gradient", fontsize=9)
+        for axes in (left, middle, right):
+            axes.legend(fontsize=7)
+
+    report = ClaimReport(
+        claim="covariate_shift", title="5. Reduced internal covariate shift",
+        statement="Ioffe & Szegedy (2015): batch norm works by reducing internal covariate "
+                  "shift. Santurkar et al. (2018): measured as the change of a layer's gradient "
+                  "when the layers before it are updated, it does not (it may even grow); what "
+                  "batch norm does is make the loss landscape smoother (the loss and gradient "
+                  "change less along the gradient).",
+        setup=f"MLP with 6 hidden layers of 64 on the digits, plain SGD (the measurement applies "
+              f"the same update lr * G to the preceding layers), batch 32, "
+              f"{int(frame['epochs'].max())} epochs; ICS (Santurkar et al.'s definition: "
+              f"../shared/FACTS.md) per weight layer 1..6 (layer 0 has none by definition) on a "
+              f"fresh training batch at the start of every epoch and after the last, averaged; "
+              f"landscape: steps of {', '.join(f'{k:g}' for k in LANDSCAPE_STEPS)} x lr along "
+              f"the gradient on the same batch; {_seeds(frame)} seeds.",
+        rule="ICS: reduced if, at every learning rate, batch norm's mean relative ICS "
+             "||G - G'|| / ||G|| (over layers, points and seeds) is lower and its mean cosine "
+             "higher than without normalization. Landscape: smoother if at every learning rate "
+             "both the loss range and the relative gradient change along the gradient are "
+             "lower. The verdict line is the ICS claim; the landscape has its own line.",
+        verdict=_verdict(ics_results), evidence="; ".join(lines) + ".",
+        tables={"summary (mean ± std over seeds)": summary_table,
+                "per layer (mean over seeds)": per_layer.round(4)},
+        draw=draw, figsize=(13, 3.8))
+    report.extra.append((_verdict(smooth_results),
+                         "5b. Smoother loss landscape (Santurkar et al., 2018)"))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Training vs inference
+# ---------------------------------------------------------------------------------------------
+
+def analyze_inference(frame: pd.DataFrame) -> ClaimReport:
+    frame = frame.assign(gap_before=frame["test_error"] - frame["test_error_batch"],
+                         gap_after=frame["test_error_precise"] - frame["test_error_batch"],
+                         running_minus_precise=frame["test_error"] - frame["test_error_precise"])
+    means = _ok(frame).groupby(["batch_size", "bn_momentum"])[
+        ["test_error", "test_error_precise", "test_error_batch", "gap_before", "gap_after",
+         "running_minus_precise", "stat_error", "stat_error_precise"]].mean()
+    worst = means["running_minus_precise"].idxmax() if len(means) else None
+    lag = bool(len(means) and means["running_minus_precise"].max() >= 0.01)
+    precise_better = bool(len(means) and (means["stat_error_precise"] < means["stat_error"]).all())
+    closes = bool(len(means) and means["gap_after"].abs().mean() < means["gap_before"].abs().mean())
+    evidence = (f"test error with running statistics minus precise statistics: up to "
+                f"{100 * means['running_minus_precise'].max():+.1f} points (batch {worst[0]}, "
+                f"momentum {worst[1]:g}), mean {100 * means['running_minus_precise'].mean():+.1f}"
+                f"; mean |gap to batch statistics| before {100 * means['gap_before'].abs().mean():.1f}"
+                f" points, after {100 * means['gap_after'].abs().mean():.1f}; error of the "
+                f"running statistics {means['stat_error'].min():.3f} .. "
+                f"{means['stat_error'].max():.3f}, after the precise pass "
+                f"{means['stat_error_precise'].min():.3f} .. {means['stat_error_precise'].max():.3f}"
+                if len(means) else "no runs")
+    tables = {name: aggregate(frame, rows="batch_size", cols="bn_momentum", value=column)
+              for name, column in (("test error, running statistics", "test_error"),
+                                   ("test error, precise statistics", "test_error_precise"),
+                                   ("test error, batch statistics (test batches of the training "
+                                    "batch size)", "test_error_batch"),
+                                   ("gap before: running - batch statistics", "gap_before"),
+                                   ("gap after: precise - batch statistics", "gap_after"),
+                                   ("error of the running statistics", "stat_error"),
+                                   ("error of the precise statistics", "stat_error_precise"))}
+
+    def draw(figure: Figure) -> None:
+        left, right = _axes_row(figure, 2)
+        ok = _ok(frame)
+        for (bs, column, style) in [(bs, c, s) for bs in sorted(ok["batch_size"].unique())
+                                    for c, s in (("test_error", "-"),
+                                                 ("test_error_precise", "--"))]:
+            stats = ok[ok["batch_size"] == bs].groupby("bn_momentum")[column]
+            name = "running" if column == "test_error" else "precise"
+            _band(left, stats.mean().index, stats.mean(), stats.std(), f"batch {bs}, {name}",
+                  linestyle=style)
+        for bs in sorted(ok["batch_size"].unique()):
+            stats = ok[ok["batch_size"] == bs].groupby("bn_momentum")
+            line, = right.plot(stats["stat_error"].mean().index, stats["stat_error"].mean(),
+                               marker="o", label=f"batch {bs}, running")
+            right.plot(stats["stat_error_precise"].mean().index,
+                       stats["stat_error_precise"].mean(), marker="s", linestyle="--",
+                       color=line.get_color(), label=f"batch {bs}, precise")
+        left.set(xscale="log", xlabel="batch norm momentum (weight of the new batch)",
+                 ylabel="test error")
+        right.set(xscale="log", yscale="log", xlabel="batch norm momentum",
+                  ylabel="error of the statistics")
+        left.legend(fontsize=7)
+        right.legend(fontsize=7)
+
+    return ClaimReport(
+        claim="inference", title="6. Training vs inference discrepancy",
+        statement="Batch norm computes different functions in training (batch statistics) and "
+                  "inference (running averages) (Ioffe, 2017); the exponential running average "
+                  "is a poor estimate with a small momentum over few steps or a large one with "
+                  "small batches, and recomputing population statistics in one pass after "
+                  "training (\"precise BN\") fixes it (Wu & Johnson, 2021, \"Rethinking 'Batch' "
+                  "in BatchNorm\").",
+        setup=f"MLP 64-128-128-10 with batch norm on the digits, SGD lr 0.05 momentum 0.9, "
+              f"{int(frame['epochs'].max())} epochs (so batch 128 makes "
+              f"{int(frame['epochs'].max()) * (1347 // 128)} updates, batch 8 "
+              f"{int(frame['epochs'].max()) * (1347 // 8)}); the trained weights do not depend "
+              f"on the momentum (it only feeds the running statistics). Precise statistics: "
+              f"normkit.inference.precise_statistics over the shuffled training set with the "
+              f"training batch size. Error of the statistics: normkit.train.stat_error's "
+              f"measure, mean over the two batch norms; {_seeds(frame)} seeds.",
+        rule="Holds if, in some setting, the test error with running statistics exceeds the "
+             "error with precise statistics by at least 1 point (the discrepancy is real here) "
+             "and the precise pass lowers the error of the statistics in every setting (the "
+             "remedy works); mixed if only one of the two.",
+        verdict=_verdict([lag, precise_better]),
+        evidence=evidence + (" (the mean |gap| to batch statistics does "
+                             f"{'' if closes else 'not '}shrink)") + ".",
+        tables=tables, draw=draw,
+        notes=["Batch statistics on test batches of 8 are themselves noisy, so the gap to "
+               "them is not the target at small batches: the error of the statistics is."])
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Saturating nonlinearities
+# ---------------------------------------------------------------------------------------------
+
+def analyze_saturation(frame: pd.DataFrame) -> ClaimReport:
+    final = [c for c in frame.columns if c.startswith("sat_") and c[4:].isdigit()]
+    epochs = [c for c in frame.columns if c.startswith("sat_e")]
+    ok = _ok(frame).assign(sat_final=lambda f: f[final].mean(axis=1),
+                           sat_initial=lambda f: f["sat_e000"])
+    means = ok.groupby(["activation", "norm"])[["sat_initial", "sat_final", "test_error"]].mean()
+    results, lines = [], []
+    for activation in ok["activation"].unique():
+        part = means.xs(activation)
+        if not {"none", "batch"} <= set(part.index):
+            continue
+        none, batch = part.loc["none"], part.loc["batch"]
+        results += [bool(batch["sat_final"] < none["sat_final"]),
+                    bool(batch["test_error"] < none["test_error"])]
+        layer = part.loc["layer"] if "layer" in part.index else None
+        lines.append(f"{activation}: saturated fraction at the end none {_pct(none['sat_final'])}"
+                     f" vs batch {_pct(batch['sat_final'])}"
+                     + (f" vs layer {_pct(layer['sat_final'])}" if layer is not None else "")
+                     + f" (at init {_pct(none['sat_initial'])} / {_pct(batch['sat_initial'])}); "
+                     f"test error none {_pct(none['test_error'])} vs batch "
+                     f"{_pct(batch['test_error'])}"
+                     + (f" vs layer {_pct(layer['test_error'])}" if layer is not None else ""))
+    per_layer = ok.groupby(["activation", "norm"])[final].mean()
+    per_layer.columns = [f"layer {c.rsplit('_', 1)[1]}" for c in final]
+    over_time = ok.groupby(["activation", "norm"])[epochs].mean()
+    over_time.columns = [f"epoch {int(c[5:])}" for c in epochs]
+    summary = pd.concat({"test error": aggregate(frame, rows="activation", cols="norm",
+                                                 value="test_error"),
+                         "saturated at init": aggregate(frame, rows="activation",
+                                                        cols="norm", value="sat_e000"),
+                         "saturated at the end": aggregate(frame.assign(
+                             s=frame[final].mean(axis=1)), rows="activation", cols="norm",
+                             value="s")}, axis=1)
+    summary.columns = [" · ".join(map(str, c)) for c in summary.columns]
+
+    def draw(figure: Figure) -> None:
+        activations = list(ok["activation"].unique())
+        grid = figure.subplots(2, len(activations), squeeze=False)
+        for column, activation in enumerate(activations):
+            top, bottom = grid[0][column], grid[1][column]
+            for norm in ok["norm"].unique():
+                if (activation, norm) not in over_time.index:
+                    continue
+                row = over_time.loc[(activation, norm)].dropna()
+                top.plot([int(c.split()[1]) for c in row.index], row.values, marker="o",
+                         markersize=3, label=norm, color=NORM_COLORS.get(norm))
+                bottom.plot(range(len(final)), per_layer.loc[(activation, norm)].values,
+                            marker="o", markersize=3, label=norm, color=NORM_COLORS.get(norm))
+            top.set(xlabel="epoch", ylabel="saturated fraction (mean over layers)")
+            bottom.set(xlabel="layer", ylabel="saturated fraction at the end")
+            top.set_title(f"{activation}: derivative < {SATURATION_DERIVATIVE}", fontsize=9)
+            top.legend(fontsize=8)
+
+    return ClaimReport(
+        claim="saturation", title="7. Saturating nonlinearities",
+        statement="Ioffe & Szegedy (2015), Sec. 3.3 and 4.2: batch norm keeps the inputs of "
+                  "saturating nonlinearities out of their saturated regimes, so sigmoid "
+                  "networks train with it (their sigmoid Inception did, without it never).",
+        setup=f"MLP with 8 hidden layers of 64 on the digits, sigmoid or tanh after the norm "
+              f"(Dense -> norm -> activation), Glorot-uniform init, SGD lr 0.05 momentum 0.9, "
+              f"batch 32, {int(frame['epochs'].max())} epochs. Saturated: the activation's "
+              f"derivative at the pre-activation is below {SATURATION_DERIVATIVE} (|z| > 2.887 "
+              f"for sigmoid, 2.178 for tanh), over the first 256 training digits in training "
+              f"mode, at epochs {', '.join(map(str, SATURATION_EPOCHS))}; {_seeds(frame)} seeds.",
+        rule="For each activation: batch norm's final mean saturated fraction below none's, and "
+             "its final test error below none's. Holds if all four comparisons, mixed if some.",
+        verdict=_verdict(results), evidence="; ".join(lines) + ".",
+        tables={"summary (mean ± std over seeds)": summary,
+                "saturated fraction per layer at the end (mean)": per_layer.round(4),
+                "saturated fraction over training (mean over layers)": over_time.round(4)},
+        draw=draw, figsize=(10, 6.5))
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. The Keras example
+# ---------------------------------------------------------------------------------------------
+
+KERAS_TARGET = 0.8
+
+
+def _keras_variant(row) -> str:
+    return "no BN" if row["norm"] == "none" else f"BN {row['placement']} ReLU"
+
+
+def analyze_keras_example(frame: pd.DataFrame) -> ClaimReport:
+    frame = frame.assign(variant=frame.apply(_keras_variant, axis=1),
+                         train_acc=1 - frame["train_error"], test_acc=1 - frame["test_error"])
+    ok = _ok(frame)
+    test_cols = [f"test_acc_e{e:03d}" for e in CURVE_EPOCHS if f"test_acc_e{e:03d}" in frame
+                 and frame[f"test_acc_e{e:03d}"].notna().any()]
+    train_cols = [c.replace("test", "train") for c in test_cols]
+    curves = ok.groupby(["optimizer", "variant"])[train_cols + test_cols].mean()
+    reach = {}
+    for key, row in curves.iterrows():
+        hit = [int(c[-3:]) for c in test_cols if row[c] >= KERAS_TARGET]
+        reach[key] = hit[0] if hit else None
+    final = ok.groupby(["optimizer", "variant"])["test_acc"].mean()
+    results, lines = [], []
+    for optimizer in ok["optimizer"].unique():
+        if (optimizer, "no BN") not in reach or (optimizer, "BN after ReLU") not in reach:
+            continue
+        none, after = reach[(optimizer, "no BN")], reach[(optimizer, "BN after ReLU")]
+        before = reach.get((optimizer, "BN before ReLU"))
+        faster = after is not None and (none is None or after < none)
+        if optimizer == "adam":
+            results.append(faster and final[(optimizer, "BN after ReLU")]
+                           >= final[(optimizer, "no BN")] - 0.01)
+        lines.append(f"{optimizer}: mean test accuracy first >= {KERAS_TARGET} at epoch "
+                     f"{_epoch(none)} without BN, {_epoch(after)} with BN after the ReLU, "
+                     f"{_epoch(before)} before it; final test accuracy "
+                     + ", ".join(f"{v} {100 * final[(optimizer, v)]:.1f} %"
+                                 for v in ("no BN", "BN after ReLU", "BN before ReLU")
+                                 if (optimizer, v) in final.index))
+    accuracy = pd.concat({"train accuracy (training mode, last epoch)": aggregate(
+        frame, rows="optimizer", cols="variant", value="train_acc"),
+        "test accuracy": aggregate(frame, rows="optimizer", cols="variant", value="test_acc")},
+        axis=1)
+    accuracy.columns = [" · ".join(map(str, c)) for c in accuracy.columns]
+    curve_table = curves[test_cols].T
+    curve_table.index = [int(c[-3:]) for c in test_cols]
+    curve_table.index.name = "epoch"
+    curve_table.columns = [" · ".join(c) for c in curve_table.columns]
+
+    def draw(figure: Figure) -> None:
+        optimizers = list(ok["optimizer"].unique())
+        colors = {"no BN": "tab:gray", "BN after ReLU": "tab:blue", "BN before ReLU": "tab:green"}
+        for axes, optimizer in zip(_axes_row(figure, len(optimizers)), optimizers):
+            for variant in colors:
+                if (optimizer, variant) not in curves.index:
+                    continue
+                row = curves.loc[(optimizer, variant)]
+                epochs = [int(c[-3:]) for c in test_cols]
+                axes.plot(epochs, row[test_cols].values, color=colors[variant],
+                          label=f"{variant}, test")
+                axes.plot(epochs, row[train_cols].values, color=colors[variant],
+                          linestyle="--", label=f"{variant}, train")
+            axes.set(xlabel="epoch", ylabel="accuracy (mean over seeds)", ylim=(0.4, 1.0))
+            axes.set_title(f"circles, {optimizer}", fontsize=9)
+            axes.legend(fontsize=7)
+
+    return ClaimReport(
+        claim="keras_example", title="8. The classic Keras example",
+        statement="Brownlee, \"How to Accelerate Learning of Deep Neural Networks With Batch "
+                  "Normalization\" (Machine Learning Mastery): on two circles, adding a "
+                  "BatchNormalization layer to a one-hidden-layer MLP accelerates learning. "
+                  "Its code puts the layer after the ReLU although its text recommends before.",
+        setup="Circles (1000 points, noise 0.1, factor 0.5, data seed 0; half train, half "
+              "test), Dense(50, ReLU, He-uniform) -> [BN] -> Dense(1, sigmoid, Glorot-uniform), "
+              "binary cross-entropy, batch 32, "
+              f"{int(frame['epochs'].max())} epochs, Keras' BN defaults through normkit "
+              "(momentum 0.01 = Keras' 0.99, eps 1e-3); Adam lr 1e-3 (eps 1e-7, Keras') as the "
+              "issue asks, and SGD lr 0.01 momentum 0.9, which is what the tutorial's code uses "
+              "as far as I recall (not checked: no network); "
+              f"{_seeds(frame)} seeds. Train accuracy is Keras': the mean over the epoch's "
+              "batches in training mode (full batches only: 15 of 32 per epoch).",
+        rule=f"Holds if, with Adam (the issue's setting), the mean test accuracy of the "
+             f"example's model (BN after the ReLU) first reaches {KERAS_TARGET} at an earlier "
+             f"recorded epoch than without BN, and its final test accuracy is at most 1 point "
+             f"lower.",
+        verdict=_verdict(results), evidence="; ".join(lines) + ".",
+        tables={"final accuracy": accuracy, "mean test accuracy per epoch": curve_table.round(3)},
+        draw=draw, figsize=(10, 3.8),
+        notes=["Keras' momentum 0.99 keeps 1 % of each batch: over the first epochs the running "
+               "statistics lag the weights, so evaluation-mode test accuracy can trail the "
+               "training-mode train accuracy by a wide margin (see claim 6)."])
+
+
+def _epoch(epoch) -> str:
+    return "never" if epoch is None else str(epoch)
+
+
+# ---------------------------------------------------------------------------------------------
+# The hooks
+# ---------------------------------------------------------------------------------------------
+
+ANALYSES = {
+    "learning_rate": analyze_learning_rate,
+    "initialization": analyze_initialization,
+    "regularization": analyze_regularization,
+    "cost": analyze_cost,
+    "covariate_shift": analyze_covariate_shift,
+    "inference": analyze_inference,
+    "saturation": analyze_saturation,
+    "keras_example": analyze_keras_example,
+}
+
+
+def analyze(frame: pd.DataFrame) -> dict[str, ClaimReport]:
+    """A report per claim with at least one finished (ok or diverged) run."""
+    reports = {}
+    for claim, analysis in ANALYSES.items():
+        part = frame[(frame["claim"] == claim) & frame["status"].isin(["ok", "diverged"])]
+        if len(part):
+            reports[claim] = analysis(part.dropna(axis=1, how="all").reset_index(drop=True))
+    return reports
+
+
+def tables(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    reports = analyze(frame)
+    named = {"verdicts": verdict_table(reports)}
+    for claim, report in reports.items():
+        for title, table in report.tables.items():
+            named[f"{claim}: {title}"] = table
+    return named
+
+
+def verdict_table(reports: dict[str, ClaimReport]) -> pd.DataFrame:
+    rows = []
+    for claim, report in reports.items():
+        rows.append({"claim": report.title, "verdict": report.verdict,
+                     "figure": f"{claim}.png", "evidence": report.evidence})
+        for verdict, title in report.extra:
+            rows.append({"claim": title, "verdict": verdict, "figure": f"{claim}.png",
+                         "evidence": f"see {claim}.md"})
+    return pd.DataFrame(rows, columns=["claim", "verdict", "figure", "evidence"])
+
+
+def figures(frame: pd.DataFrame) -> dict[str, Figure]:
+    reports = analyze(frame)
+    out = {}
+    for claim, report in reports.items():
+        figure = ReportFigure(figsize=report.figsize,
+                              text_files={f"{claim}.md": claim_markdown(report)})
+        report.draw(figure)
+        figure.suptitle(report.title, fontsize=10)
+        figure.tight_layout()
+        out[claim] = figure
+    overview = ReportFigure(figsize=(8, 0.6 + 0.35 * (len(reports) + 1)),
+                            text_files={"README.md": readme_markdown(reports, frame)})
+    _draw_verdicts(overview, reports)
+    out["verdicts"] = overview
+    return out
+
+
+def _draw_verdicts(figure: Figure, reports: dict[str, ClaimReport]) -> None:
+    axes = figure.add_subplot()
+    axes.axis("off")
+    table = verdict_table(reports)
+    colors = {HOLDS: "#c8e6c9", FAILS: "#ffcdd2", MIXED: "#fff9c4"}
+    cells = table[["claim", "verdict"]].values.tolist()
+    drawn = axes.table(cellText=cells, colLabels=["claim", "verdict here"], loc="center",
+                       cellLoc="left")
+    for i, verdict in enumerate(table["verdict"], start=1):
+        drawn[i, 1].set_facecolor(colors.get(verdict, "white"))
+    drawn.auto_set_column_width([0, 1])
+    axes.set_title("What batch norm is said to do: verdicts on the claims study", fontsize=10)
+
+
+def claim_markdown(report: ClaimReport) -> str:
+    lines = [f"# {report.title}", "", f"**Verdict here: {report.verdict}.** {report.evidence}", "",
+             f"**Published statement.** {report.statement}", "",
+             f"**Setup.** {report.setup}", "", f"**Verdict rule.** {report.rule}", ""]
+    for verdict, title in report.extra:
+        lines += [f"**{title}: {verdict}** (rule above; numbers in the evidence).", ""]
+    lines += [f"![{report.title}]({report.claim}.png)", ""]
+    for note in report.notes:
+        lines += [f"Note: {note}", ""]
+    for title, table in report.tables.items():
+        lines += [f"## {title}", "", markdown_table(table), ""]
+    return "\n".join(lines)
+
+
+def readme_markdown(reports: dict[str, ClaimReport], frame: pd.DataFrame) -> str:
+    counts = frame["status"].value_counts()
+    lines = ["# The claims study: what batch norm is said to do, tested here", "",
+             "One line per claim: the verdict on these small networks, the figure that shows "
+             "it, and the published statement it tests. Each verdict follows from the numbers "
+             "by the rule written in the claim's page (`<claim>.md`), which also has the setup "
+             "and the tables; `table.md` has every table, `runs.csv` every run.", "",
+             f"Runs: {counts.get('ok', 0)} ok, {counts.get('diverged', 0)} diverged, "
+             f"{counts.get('failed', 0)} failed. Written by `normkit run claims` "
+             "(studies/claims.py); a quick grid (`--quick`) is a smoke run with one seed and "
+             "few epochs: its verdicts are not evidence.", "",
+             "| claim | verdict here | figure | published statement | numbers |",
+             "|---|---|---|---|---|"]
+    for claim, report in reports.items():
+        lines.append(f"| [{report.title}]({claim}.md) | **{report.verdict}** | "
+                     f"[{claim}.png]({claim}.png) | {report.statement} | {report.evidence} |")
+        for verdict, title in report.extra:
+            lines.append(f"| [{title}]({claim}.md) | **{verdict}** | [{claim}.png]({claim}.png)"
+                         f" | (see 5) | see [{claim}.md]({claim}.md) |")
+    return "\n".join(line.replace("\n", " ") for line in lines) + "\n"
