@@ -291,10 +291,14 @@ def _recovery(stats, model) -> list[str]:
         parts = [f"{cells[s][0]:.1f}% vs {batch[s][0]:.1f}% at {s}" for s in shared]
         better = [s for s in shared if _significantly_worse(batch[s], cells[s])]
         worse = [s for s in shared if _significantly_worse(cells[s], batch[s])]
-        verdict = (f"recovers part of it (better at batch sizes {better})" if better and not worse
-                   else f"is worse at batch sizes {worse}" if worse and not better
-                   else "is mixed (better at {better}, worse at {worse})" if better
-                   else "does not change it (no significant difference)")
+        if better and worse:
+            verdict = f"is better at batch sizes {better} and worse at {worse}"
+        elif better:
+            verdict = f"recovers part of it (better at batch sizes {better})"
+        elif worse:
+            verdict = f"is worse at batch sizes {worse}"
+        else:
+            verdict = "does not change it (no significant difference)"
         lines.append(f"- {label} against batch norm below {REFERENCE_BATCH}: "
                      f"{'; '.join(parts)}; it {verdict}.")
     return lines
@@ -376,6 +380,11 @@ def readme(frame) -> str:
               f"size exceeds its own error at {REFERENCE_BATCH} by more than 1 point and two "
               "standard errors."]
     lines += findings(frame)
+    lines += ["", "How to read the batch-statistics error: it normalizes each test batch of the "
+              "training batch size with its own statistics, as in training. For batch renorm it "
+              "equals the evaluation-mode error wherever r and d are not clipped (then "
+              "(x - mu_B) / sigma_B * r + d is (x - mu) / sigma); ghost batch norm uses virtual "
+              "batches of 4 there as in training."]
     lines += ["", "## Where the toy scale differs from the paper", "",
               "- The paper's numbers are ResNet-50 on ImageNet: compare the shape of the curves, "
               "not the level.",

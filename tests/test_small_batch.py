@@ -167,3 +167,9 @@ def test_findings_name_the_onset_the_size_of_the_effect_and_recovery():
     assert "it recovers part of it (better at batch sizes [2, 4])" in text
     assert "Here batch: 3.0% -> 30.0% (+27.0 points, x10.00)" in text
     assert "stat_error of batch norm's running statistics" in text
+
+
+def test_findings_say_when_renorm_is_better_somewhere_and_worse_elsewhere():
+    renorm = {2: 0.12, 4: 0.15, 8: 0.05, 16: 0.032, 32: 0.03, 64: 0.03}
+    text = "\n".join(study_module.findings(made_up_frame({"batch": BN, "renorm": renorm})))
+    assert "it is better at batch sizes [2] and worse at [4]" in text
