@@ -262,3 +262,16 @@ def test_cached_caller_of_parallel_twin_runs_from_cache(tmp_path):
         assert done.returncode == 0, done.stderr
         assert float(done.stdout) == 2 * np.prod(eval(shape))
     assert any(p.suffix == ".nbi" for p in (tmp_path / "__pycache__").iterdir())
+
+
+def test_core_allocates_outputs_when_not_given():
+    """_core.forward_train/backward keep their allocating form (out omitted) for other kernels."""
+    x, dy, gamma, beta = _data((4, 3, 5))
+    x4, dy4 = x.reshape(4, 3, 1, 5), dy.reshape(4, 3, 1, 5)
+    g2, b2 = gamma.reshape(3, 1), beta.reshape(3, 1)
+    y4, mean, var = _core.forward_train(x4, 4, g2, b2, 1e-5, True)
+    dx4, dgamma2, dbeta2 = _core.backward(dy4, x4, 4, g2, mean, var, 1e-5, True)
+    _close(y4.reshape(x.shape), ref.batch_forward_train(x, gamma, beta, 1e-5)[0], "y")
+    dx_ref, dgamma_ref, _ = ref.batch_backward(dy, x, gamma, 1e-5)
+    _close(dx4.reshape(x.shape), dx_ref, "dx")
+    _close(dgamma2[:, 0].astype(F32), dgamma_ref, "dgamma")

@@ -613,11 +613,13 @@ def _forward(x4, B, gamma2, beta2, eps, centered, y4, mean, var, mode):
 
 
 @jit()
-def forward_train(x4, B, gamma2, beta2, eps, centered, y4):
-    """Normalize with the statistics of each group into y4: returns (y4, mean, var), (N // B, G).
+def forward_train(x4, B, gamma2, beta2, eps, centered, y4=None):
+    """Normalize with the statistics of each group: returns (y4, mean, var), stats (N // B, G).
 
-    x4, y4 (N, G, Cg, L) C-contiguous, same dtype; gamma2, beta2 (G, Cg); var is biased, float64.
+    x4, y4 (N, G, Cg, L) C-contiguous, same dtype (y4 given: written into; None: allocated);
+    gamma2, beta2 (G, Cg); var is biased, float64.
     """
+    y4 = output_like(x4, y4)
     shape = (x4.shape[0] // B, x4.shape[1])
     mean = np.empty(shape)
     var = np.empty(shape)
@@ -637,8 +639,9 @@ def moments(x4, B, centered):
 
 
 @jit()
-def apply(x4, B, mean, var, eps, gamma2, beta2, y4):
+def apply(x4, B, mean, var, eps, gamma2, beta2, y4=None):
     """y4 = (x - mean) / sqrt(var + eps) * gamma + beta with given statistics (N // B, G), float64."""
+    y4 = output_like(x4, y4)
     _forward(x4, B, gamma2, beta2, eps, True, y4, mean, var, APPLY_ONLY)
     return y4
 
@@ -892,14 +895,16 @@ def _backward(dy4, x4, B, gamma2, mean, var, eps, centered, frozen, dx4):
 
 
 @jit()
-def backward(dy4, x4, B, gamma2, mean, var, eps, centered, dx4):
-    """Gradient of forward_train into dx4: returns (dx4, dgamma2, dbeta2), dgamma2/dbeta2 float64
-    (G, Cg). dy4, x4, dx4 (N, G, Cg, L) C-contiguous; mean, var (N // B, G) from forward_train."""
-    return _backward(dy4, x4, B, gamma2, mean, var, eps, centered, False, dx4)
+def backward(dy4, x4, B, gamma2, mean, var, eps, centered, dx4=None):
+    """Gradient of forward_train: returns (dx4, dgamma2, dbeta2), dgamma2/dbeta2 float64 (G, Cg).
+    dy4, x4, dx4 (N, G, Cg, L) C-contiguous (dx4 None: allocated); mean, var (N // B, G) as
+    forward_train returned them."""
+    return _backward(dy4, x4, B, gamma2, mean, var, eps, centered, False, output_like(x4, dx4))
 
 
 @jit()
-def backward_frozen(dy4, x4, gamma2, mean, var, eps, dx4):
-    """Gradient with the statistics held constant (evaluation mode), into dx4:
+def backward_frozen(dy4, x4, gamma2, mean, var, eps, dx4=None):
+    """Gradient with the statistics held constant (evaluation mode):
     dx = dy * gamma / sqrt(var + eps); returns (dx4, dgamma2, dbeta2). mean, var: (1, G) float64."""
-    return _backward(dy4, x4, x4.shape[0], gamma2, mean, var, eps, True, True, dx4)
+    return _backward(dy4, x4, x4.shape[0], gamma2, mean, var, eps, True, True,
+                     output_like(x4, dx4))
