@@ -89,6 +89,33 @@ def _verdict(results: list[bool]) -> str:
     return MIXED if any(results) else FAILS
 
 
+def _difference(lower: pd.Series, higher: pd.Series) -> tuple[float, float]:
+    """mean(higher) - mean(lower) and the standard error of that difference (Welch; a side
+    with one value contributes no variance)."""
+    lower, higher = lower.dropna(), higher.dropna()
+    if lower.empty or higher.empty:
+        return math.nan, math.nan
+    variance = sum(v.var(ddof=1) / len(v) for v in (lower, higher) if len(v) > 1)
+    return float(higher.mean() - lower.mean()), math.sqrt(variance)
+
+
+def _clearly_lower(lower: pd.Series, higher: pd.Series) -> bool:
+    """mean(lower) < mean(higher) by more than two standard errors of the difference."""
+    difference, error = _difference(lower, higher)
+    return bool(difference > 2 * error)
+
+
+def _diff_text(lower: pd.Series, higher: pd.Series, scale: float = 100, digits: int = 1) -> str:
+    difference, error = _difference(lower, higher)
+    if math.isnan(difference):
+        return "—"
+    return f"{scale * difference:+.{digits}f} ± {scale * error:.{digits}f}"
+
+
+SIGNIFICANCE = ("\"Lower\" means lower by more than two standard errors of the difference of the "
+                "means over seeds (Welch), so a difference within the seed noise does not count.")
+
+
 def _pct(x: float) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f} %"
 
@@ -125,9 +152,13 @@ def analyze_learning_rate(frame: pd.DataFrame) -> ClaimReport:
             diverged = (part[part["norm"] == norm]["status"] == "diverged").mean()
             stable_lrs = [lr for lr in sorted(part["lr"].unique()) if stable.get((norm, lr), False)]
             good[norm] = lrs
+            own_best = mean.xs(norm).min() if norm in mean.index else math.inf
+            own = [lr for lr in stable_lrs if mean.get((norm, lr), math.inf)
+                   <= own_best + LR_TOLERANCE]
             summary_rows.append({
                 "model": model, "norm": norm, "good learning rates": len(lrs),
                 "good range": f"{min(lrs):g} .. {max(lrs):g}" if lrs else "—",
+                "within tolerance of its own best": _range(own),
                 "largest stable lr": f"{max(stable_lrs):g}" if stable_lrs else "—",
                 "best test error": _pct(mean.xs(norm).min()) if norm in mean.index else "—",
                 "diverged runs": f"{100 * diverged:.0f} %"})
@@ -177,7 +208,9 @@ def analyze_learning_rate(frame: pd.DataFrame) -> ClaimReport:
              f"and the mean test error is within {LR_TOLERANCE:.2f} of the best mean test error "
              f"any norm reached on that model. The claim holds on a model if batch norm trains "
              f"well at more learning rates than no normalization and its largest good learning "
-             f"rate is higher; holds overall if on every model, mixed if on some.",
+             f"rate is higher; holds overall if on every model, mixed if on some. (The "
+             f"summary also gives, for context, the range within the tolerance of each norm's "
+             f"own best error.)",
         verdict=_verdict(results), evidence="; ".join(lines) + ".",
         tables={"test error (mean ± std over seeds)": table, "range of good learning rates":
                 summary},
@@ -297,25 +330,34 @@ def _variant(row) -> str:
 def analyze_regularization(frame: pd.DataFrame) -> ClaimReport:
     frame = frame.assign(variant=frame.apply(_variant, axis=1),
                          gap=frame["test_error"] - frame["train_error"])
-    error = _mean(frame, ["batch_size", "variant"], "test_error").unstack()
-    gap = _mean(frame, ["batch_size", "variant"], "gap").unstack()
-    results = []
-    if {"none", "batch"} <= set(error.columns):
-        benefit = error["none"] - error["batch"]
-        gap_benefit = gap["none"] - gap["batch"]
-        results = [bool(b > 0 and g > 0) for b, g in zip(benefit, gap_benefit)]
-        evidence = ("test error none - batch (points) by batch size: "
-                    + ", ".join(f"{bs}: {100 * b:+.1f}" for bs, b in benefit.items())
-                    + "; train-test gap none - batch: "
-                    + ", ".join(f"{bs}: {100 * g:+.1f}" for bs, g in gap_benefit.items()))
-        if "batch+dropout" in error.columns and "dropout" in error.columns:
-            evidence += ("; batch+dropout vs batch: " + ", ".join(
-                f"{bs}: {100 * (error['batch'][bs] - error['batch+dropout'][bs]):+.1f}"
-                for bs in error.index) + "; dropout alone vs none: " + ", ".join(
-                f"{bs}: {100 * (error['none'][bs] - error['dropout'][bs]):+.1f}"
-                for bs in error.index))
-    else:
-        evidence = "no runs of both none and batch"
+    ok = _ok(frame)
+
+    def values(variant: str, batch_size: int, column: str = "test_error") -> pd.Series:
+        return ok.loc[(ok["variant"] == variant) & (ok["batch_size"] == batch_size), column]
+
+    sizes = sorted(frame["batch_size"].unique())
+    results, parts = [], []
+    if {"none", "batch"} <= set(frame["variant"]):
+        results = [_clearly_lower(values("batch", bs), values("none", bs))
+                   and _clearly_lower(values("batch", bs, "gap"), values("none", bs, "gap"))
+                   for bs in sizes]
+        parts += ["test error none - batch (points, ± s.e.) by batch size: " + ", ".join(
+                      f"{bs}: {_diff_text(values('batch', bs), values('none', bs))}"
+                      for bs in sizes),
+                  "train-test gap none - batch: " + ", ".join(
+                      f"{bs}: {_diff_text(values('batch', bs, 'gap'), values('none', bs, 'gap'))}"
+                      for bs in sizes)]
+    if {"batch", "batch+dropout"} <= set(frame["variant"]):
+        parts.append("dropout added to batch norm, batch - batch+dropout: " + ", ".join(
+            f"{bs}: {_diff_text(values('batch+dropout', bs), values('batch', bs))}"
+            for bs in sizes))
+    if {"none", "dropout"} <= set(frame["variant"]):
+        diverged = frame[(frame["variant"] == "dropout") & (frame["status"] == "diverged")]
+        parts.append("dropout alone, none - dropout: " + ", ".join(
+            f"{bs}: {_diff_text(values('dropout', bs), values('none', bs))}" for bs in sizes)
+            + (f" (dropout alone diverged in {len(diverged)} of "
+               f"{int((frame['variant'] == 'dropout').sum())} runs)" if len(diverged) else ""))
+    evidence = "; ".join(parts) if parts else "no runs of both none and batch"
     order = [v for v in ("none", "batch", "batch+dropout", "dropout") if v in frame["variant"].unique()]
 
     def draw(figure: Figure) -> None:
@@ -349,11 +391,15 @@ def analyze_regularization(frame: pd.DataFrame) -> ClaimReport:
               f"{int(frame['steps'].max())} updates at every batch size (so every variant "
               f"fits the training set), dropout p = 0.5 after each hidden layer where named; "
               f"errors in evaluation mode; {_seeds(frame)} seeds.",
-        rule="Holds at a batch size if batch norm's mean test error and mean train-test gap "
-             "are both below those without normalization; holds if at every batch size, mixed "
-             "if at some. (With the batch as large as the training set, batch statistics carry "
-             "no noise: a benefit there is not the noise.)",
-        verdict=_verdict(results), evidence=evidence + ".", tables=tables, draw=draw)
+        rule="Holds at a batch size if batch norm's test error and train-test gap are both "
+             "lower than without normalization; holds if at every batch size, mixed if at some. "
+             + SIGNIFICANCE + " (With the batch as large as the training set, batch statistics "
+             "carry no noise: a benefit there is not the noise.)",
+        verdict=_verdict(results), evidence=evidence + ".", tables=tables, draw=draw,
+        notes=["A diverged run (non-finite loss) is counted, not averaged: at small batches "
+               "the unnormalized networks are also the unstable ones, so a lower error there "
+               "can be optimization rather than regularization; the gap criterion separates "
+               "them."])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,17 +503,28 @@ def analyze_covariate_shift(frame: pd.DataFrame) -> ClaimReport:
         if not {"none", "batch"} <= set(means.xs(lr).index):
             continue
         none, batch = means.loc[(lr, "none")], means.loc[(lr, "batch")]
-        ics_results.append(bool(batch["ics_rel"] < none["ics_rel"]
-                                and batch["ics_cos"] > none["ics_cos"]))
-        smooth_results.append(bool(batch["loss_range"] < none["loss_range"]
-                                   and batch["gradient_change"] < none["gradient_change"]))
+
+        def runs(norm: str, column: str) -> pd.Series:
+            return ok.loc[(ok["lr"] == lr) & (ok["norm"] == norm), column]
+
+        ics_results.append(_clearly_lower(runs("batch", "ics_rel"), runs("none", "ics_rel"))
+                           and _clearly_lower(-runs("batch", "ics_cos"), -runs("none", "ics_cos")))
+        smooth_results.append(
+            _clearly_lower(runs("batch", "loss_range"), runs("none", "loss_range"))
+            and _clearly_lower(runs("batch", "gradient_change"), runs("none", "gradient_change")))
         lines.append(f"lr {lr:g}: relative ICS none {none['ics_rel']:.3f} vs batch "
-                     f"{batch['ics_rel']:.3f} (raw ||G - G'|| {none['ics_l2']:.3g} vs "
-                     f"{batch['ics_l2']:.3g}), cosine {none['ics_cos']:.3f} vs "
-                     f"{batch['ics_cos']:.3f}; loss range along the gradient "
-                     f"{none['loss_range']:.3g} vs {batch['loss_range']:.3g}, relative gradient "
-                     f"change {none['gradient_change']:.3g} vs {batch['gradient_change']:.3g}, "
-                     f"beta {none['beta']:.3g} vs {batch['beta']:.3g}")
+                     f"{batch['ics_rel']:.3f} (difference "
+                     f"{_diff_text(runs('batch', 'ics_rel'), runs('none', 'ics_rel'), 1, 3)}; "
+                     f"raw ||G - G'|| {none['ics_l2']:.3g} vs {batch['ics_l2']:.3g}), cosine "
+                     f"{none['ics_cos']:.3f} vs {batch['ics_cos']:.3f} (difference "
+                     f"{_diff_text(runs('none', 'ics_cos'), runs('batch', 'ics_cos'), 1, 3)}); "
+                     f"loss range along the gradient {none['loss_range']:.3g} vs "
+                     f"{batch['loss_range']:.3g} (difference "
+                     f"{_diff_text(runs('batch', 'loss_range'), runs('none', 'loss_range'), 1, 3)}"
+                     f"), relative gradient change {none['gradient_change']:.3g} vs "
+                     f"{batch['gradient_change']:.3g} (difference "
+                     f"{_diff_text(runs('batch', 'gradient_change'), runs('none', 'gradient_change'), 1, 3)}"
+                     f"), beta {none['beta']:.3g} vs {batch['beta']:.3g}")
     per_layer = ok.groupby(["lr", "norm"])[rel + cos].mean()
     per_layer.columns = [("relative ICS, layer " if c.startswith("ics_rel") else "cosine, layer ")
                          + c.rsplit("_", 1)[1] for c in per_layer.columns]
@@ -515,16 +572,19 @@ def analyze_covariate_shift(frame: pd.DataFrame) -> ClaimReport:
                   "change less along the gradient).",
         setup=f"MLP with 6 hidden layers of 64 on the digits, plain SGD (the measurement applies "
               f"the same update lr * G to the preceding layers), batch 32, "
-              f"{int(frame['epochs'].max())} epochs; ICS (Santurkar et al.'s definition: "
-              f"../shared/FACTS.md) per weight layer 1..6 (layer 0 has none by definition) on a "
-              f"fresh training batch at the start of every epoch and after the last, averaged; "
+              f"{int(frame['epochs'].max())} epochs. ICS of weight layer i (Santurkar et al.'s "
+              f"definition): G is the gradient of its weights on a batch, G' the same gradient "
+              f"after the layers before i took their step on that batch; layers 1..6 (layer 0 "
+              f"has nothing before it), on a fresh training batch at the start of every epoch "
+              f"and after the last, averaged; "
               f"landscape: steps of {', '.join(f'{k:g}' for k in LANDSCAPE_STEPS)} x lr along "
               f"the gradient on the same batch; {_seeds(frame)} seeds.",
-        rule="ICS: reduced if, at every learning rate, batch norm's mean relative ICS "
-             "||G - G'|| / ||G|| (over layers, points and seeds) is lower and its mean cosine "
-             "higher than without normalization. Landscape: smoother if at every learning rate "
-             "both the loss range and the relative gradient change along the gradient are "
-             "lower. The verdict line is the ICS claim; the landscape has its own line.",
+        rule="ICS: reduced at a learning rate if batch norm's relative ICS ||G - G'|| / ||G|| "
+             "(mean over layers and points) is lower and its cosine higher than without "
+             "normalization. Landscape: smoother at a learning rate if both the loss range and "
+             "the relative gradient change along the gradient are lower. Each holds if at every "
+             "learning rate, mixed if at some. " + SIGNIFICANCE + " The verdict line is the ICS "
+             "claim; the landscape has its own line (5b).",
         verdict=_verdict(ics_results), evidence="; ".join(lines) + ".",
         tables={"summary (mean ± std over seeds)": summary_table,
                 "per layer (mean over seeds)": per_layer.round(4)},
@@ -545,13 +605,20 @@ def analyze_inference(frame: pd.DataFrame) -> ClaimReport:
     means = _ok(frame).groupby(["batch_size", "bn_momentum"])[
         ["test_error", "test_error_precise", "test_error_batch", "gap_before", "gap_after",
          "running_minus_precise", "stat_error", "stat_error_precise"]].mean()
+    ok = _ok(frame)
+    lagging = [key for key, part in ok.groupby(["batch_size", "bn_momentum"])
+               if part["running_minus_precise"].mean() >= 0.01
+               and _clearly_lower(pd.Series([0.0] * len(part)), part["running_minus_precise"])]
     worst = means["running_minus_precise"].idxmax() if len(means) else None
-    lag = bool(len(means) and means["running_minus_precise"].max() >= 0.01)
+    lag = bool(lagging)
     precise_better = bool(len(means) and (means["stat_error_precise"] < means["stat_error"]).all())
     closes = bool(len(means) and means["gap_after"].abs().mean() < means["gap_before"].abs().mean())
-    evidence = (f"test error with running statistics minus precise statistics: up to "
-                f"{100 * means['running_minus_precise'].max():+.1f} points (batch {worst[0]}, "
-                f"momentum {worst[1]:g}), mean {100 * means['running_minus_precise'].mean():+.1f}"
+    evidence = (f"test error with running statistics minus precise statistics (paired, same "
+                f"weights): up to {100 * means['running_minus_precise'].max():+.1f} points "
+                f"(batch {worst[0]}, momentum {worst[1]:g}), mean "
+                f"{100 * means['running_minus_precise'].mean():+.1f}; at least 1 point and "
+                f"beyond the seed noise at (batch, momentum) "
+                f"{', '.join(f'({b}, {m:g})' for b, m in lagging) or 'none'}"
                 f"; mean |gap to batch statistics| before {100 * means['gap_before'].abs().mean():.1f}"
                 f" points, after {100 * means['gap_after'].abs().mean():.1f}; error of the "
                 f"running statistics {means['stat_error'].min():.3f} .. "
@@ -609,9 +676,10 @@ def analyze_inference(frame: pd.DataFrame) -> ClaimReport:
               f"training batch size. Error of the statistics: normkit.train.stat_error's "
               f"measure, mean over the two batch norms; {_seeds(frame)} seeds.",
         rule="Holds if, in some setting, the test error with running statistics exceeds the "
-             "error with precise statistics by at least 1 point (the discrepancy is real here) "
-             "and the precise pass lowers the error of the statistics in every setting (the "
-             "remedy works); mixed if only one of the two.",
+             "error with precise statistics by at least 1 point on average and by more than two "
+             "standard errors of the per-seed (paired) differences (the discrepancy is real "
+             "here), and the precise pass lowers the mean error of the statistics in every "
+             "setting (the remedy works); mixed if only one of the two.",
         verdict=_verdict([lag, precise_better]),
         evidence=evidence + (" (the mean |gap| to batch statistics does "
                              f"{'' if closes else 'not '}shrink)") + ".",
@@ -636,8 +704,12 @@ def analyze_saturation(frame: pd.DataFrame) -> ClaimReport:
         if not {"none", "batch"} <= set(part.index):
             continue
         none, batch = part.loc["none"], part.loc["batch"]
-        results += [bool(batch["sat_final"] < none["sat_final"]),
-                    bool(batch["test_error"] < none["test_error"])]
+
+        def runs(norm: str, column: str) -> pd.Series:
+            return ok.loc[(ok["activation"] == activation) & (ok["norm"] == norm), column]
+
+        results += [_clearly_lower(runs("batch", "sat_final"), runs("none", "sat_final")),
+                    _clearly_lower(runs("batch", "test_error"), runs("none", "test_error"))]
         layer = part.loc["layer"] if "layer" in part.index else None
         lines.append(f"{activation}: saturated fraction at the end none {_pct(none['sat_final'])}"
                      f" vs batch {_pct(batch['sat_final'])}"
@@ -688,8 +760,9 @@ def analyze_saturation(frame: pd.DataFrame) -> ClaimReport:
               f"derivative at the pre-activation is below {SATURATION_DERIVATIVE} (|z| > 2.887 "
               f"for sigmoid, 2.178 for tanh), over the first 256 training digits in training "
               f"mode, at epochs {', '.join(map(str, SATURATION_EPOCHS))}; {_seeds(frame)} seeds.",
-        rule="For each activation: batch norm's final mean saturated fraction below none's, and "
-             "its final test error below none's. Holds if all four comparisons, mixed if some.",
+        rule="For each activation: batch norm's final mean saturated fraction lower than "
+             "none's, and its final test error lower than none's. Holds if all four comparisons, "
+             "mixed if some. " + SIGNIFICANCE,
         verdict=_verdict(results), evidence="; ".join(lines) + ".",
         tables={"summary (mean ± std over seeds)": summary,
                 "saturated fraction per layer at the end (mean)": per_layer.round(4),
