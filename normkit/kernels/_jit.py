@@ -7,7 +7,9 @@ threading and the floating-point policy are decided once:
   compiling again. A kernel's machine code contains the kernels it calls (from other modules
   too), but Numba checks a cached function against its own source file only: it would keep
   serving ``batch.py``'s cached code after ``_core.py`` changed. :func:`_drop_stale_caches`
-  therefore deletes every normkit cache file whenever any source file of the package changed.
+  therefore deletes every normkit cache file whenever a module holding jitted code changed.
+  Jitted code lives only in ``normkit/kernels/`` and in modules named ``_kernels.py`` (a test
+  checks it), so editing the training engine or a study does not throw the compiled kernels away.
 - ``parallel``: only the drivers that split work over channels/rows (``prange``) ask for it;
   each channel/row is reduced by one thread in a fixed order, so results do not depend on the
   number of threads or on scheduling.
@@ -85,13 +87,18 @@ def serial_and_parallel(loop):
     return tuple(twins)
 
 
+def _jitted_sources(package: pathlib.Path) -> list[pathlib.Path]:
+    """The modules whose code can end up in a cached kernel (see the module docstring)."""
+    return sorted({*package.glob("kernels/*.py"), *package.rglob("_kernels.py")})
+
+
 def _drop_stale_caches(package: pathlib.Path = pathlib.Path(__file__).resolve().parent.parent) -> None:
-    """Delete normkit's Numba cache files when the package's sources changed since they were
-    written (see the module docstring). Costs one read of the sources (~100 kB) per import."""
+    """Delete normkit's Numba cache files when the jitted modules changed since they were
+    written (see the module docstring). Costs one read of those sources per import."""
     if os.environ.get("NUMBA_CACHE_DIR"):      # caches live elsewhere; the user manages them
         return
     digest = hashlib.sha1()
-    for path in sorted(package.rglob("*.py")):
+    for path in _jitted_sources(package):
         digest.update(path.relative_to(package).as_posix().encode())
         digest.update(path.read_bytes())
     stamp = package / "kernels" / "__pycache__" / "normkit-sources.sha1"
