@@ -32,6 +32,7 @@ A study is one script ``studies/<name>.py`` that defines a module-level ``STUDY`
         run=run,
         tables=tables,                  # optional
         figures=None,                   # optional: df -> {"name": matplotlib Figure}
+        reports=None,                   # optional: df -> {"README.md": text}, written beside
     )
 
 - **Grid**: a dict ``{field: list of values}`` means the cartesian product (fields left out keep
@@ -144,6 +145,7 @@ class Study:
     run: Callable[[Any], Mapping[str, float]]
     tables: Callable[[Any], Any] | None = None
     figures: Callable[[Any], Mapping[str, Any]] | None = None
+    reports: Callable[[Any], Mapping[str, str]] | None = None
     description: str = ""
     source: Path | None = dataclasses.field(default=None, compare=False, repr=False)
 
@@ -169,7 +171,7 @@ class Study:
                              f"({sorted(RESERVED_NAMES)}); offending: {sorted(clashes)}")
         if not callable(self.run):
             raise TypeError(f"Study run must be callable, got {self.run!r}")
-        for hook in ("tables", "figures"):
+        for hook in ("tables", "figures", "reports"):
             if getattr(self, hook) is not None and not callable(getattr(self, hook)):
                 raise TypeError(f"Study {hook} must be callable or None")
         self.configs(quick=True)   # validates both grids now, not in the middle of a sweep
@@ -774,13 +776,13 @@ def read_runs(study: Study, directory: str | os.PathLike, *,
     kept = raw[position >= 0].assign(_position=position[position >= 0])
     kept = kept.drop_duplicates("_position", keep="last").sort_values("_position")
     configs = [grid_config for _, grid_config in sorted(grid.values(), key=lambda p: p[0])]
-    frame = pd.DataFrame([config_fields(configs[i]) for i in kept["_position"]],
-                         columns=list(study.field_names))
-    for name in (*study.metrics, "seconds"):
-        frame[name] = pd.to_numeric(kept[name], errors="coerce").to_numpy(dtype=float)
-    for name in PROVENANCE_COLUMNS:
-        if name != "seconds":
-            frame[name] = kept[name].to_numpy()
+    fields = pd.DataFrame([config_fields(configs[i]) for i in kept["_position"]],
+                          columns=list(study.field_names))
+    numbers = {name: pd.to_numeric(kept[name], errors="coerce").to_numpy(dtype=float)
+               for name in (*study.metrics, "seconds")}
+    texts = {name: kept[name].to_numpy() for name in PROVENANCE_COLUMNS if name != "seconds"}
+    # one concat, not a column at a time: a study may have hundreds of metric columns
+    frame = pd.concat([fields, pd.DataFrame({**numbers, **texts}, index=fields.index)], axis=1)
     return frame[list(study.columns)], int((position < 0).sum())
 
 
@@ -811,6 +813,26 @@ def summarize(study: Study, directory: str | os.PathLike, *, quick: bool = False
     written.insert(0, md_path)
     if not frame.empty:
         written += _write_figures(study, frame, directory)
+        written += _write_reports(study, frame, directory)
+    return written
+
+
+def _write_reports(study: Study, frame: Any, directory: Path) -> list[Path]:
+    """The ``reports`` hook's ``{file name: text}`` (e.g. a README.md with the findings), each
+    written whole into the results folder."""
+    if study.reports is None:
+        return []
+    written = []
+    for name, text in study.reports(frame).items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise SweepError(f"{study.name}: reports must name plain files in the results "
+                             f"folder (letters, digits, '_.-'), got {name!r}")
+        if not isinstance(text, str):
+            raise SweepError(f"{study.name}: report {name!r} must be text, got "
+                             f"{type(text).__name__}")
+        path = directory / name
+        _replace_text(path, text)
+        written.append(path)
     return written
 
 

@@ -2,27 +2,27 @@
 
 Each claim has an ``analyze_<claim>(frame) -> ClaimReport``: its tables, a verdict from a rule
 stated in the report (applied to the means over seeds of the ok runs), the line of numbers
-behind it, and a figure. :func:`tables` and :func:`figures` are the study's hooks. The runner
-hands the hooks a DataFrame but not the results folder, so the per-claim ``<claim>.md`` and the
-``README.md`` are written by the figures themselves: a :class:`ReportFigure` writes its text
-files next to its PNG when the runner saves it (matplotlib is needed for them, as for the PNGs).
+behind it, and a figure. :func:`tables`, :func:`figures` and :func:`reports` (the per-claim
+``<claim>.md`` pages and the ``README.md`` with the verdicts) are the study's hooks.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from collections.abc import Callable
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 
 from normkit.sweep import aggregate, format_mean_std, markdown_table
 
 from _claims_experiments import (CURVE_EPOCHS, LANDSCAPE_STEPS, MNIST1D_SAMPLES,
                                  SATURATION_EPOCHS, TARGET_ERROR)
 from _claims_measure import SATURATION_DERIVATIVE
+
+if TYPE_CHECKING:                      # matplotlib is imported by the figures hook only
+    from matplotlib.figure import Figure
 
 HOLDS, FAILS, MIXED = "holds", "does not hold", "mixed"
 CHANCE_ERROR = 0.9                     # ten classes
@@ -43,20 +43,6 @@ class ClaimReport:
     figsize: tuple[float, float] = (10, 3.6)
     notes: list[str] = dataclasses.field(default_factory=list)
     extra: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (verdict, line)
-
-
-class ReportFigure(Figure):
-    """A Figure that also writes ``text_files`` ({file name: text}) next to itself when saved."""
-
-    def __init__(self, *args, text_files: dict[str, str] | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.text_files = dict(text_files or {})
-
-    def savefig(self, fname, *args, **kwargs):
-        super().savefig(fname, *args, **kwargs)
-        folder = Path(fname).parent
-        for name, text in self.text_files.items():
-            (folder / name).write_text(text, encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -915,20 +901,27 @@ def verdict_table(reports: dict[str, ClaimReport]) -> pd.DataFrame:
 
 
 def figures(frame: pd.DataFrame) -> dict[str, Figure]:
+    from matplotlib.figure import Figure
+
     reports = analyze(frame)
     out = {}
     for claim, report in reports.items():
-        figure = ReportFigure(figsize=report.figsize,
-                              text_files={f"{claim}.md": claim_markdown(report)})
+        figure = Figure(figsize=report.figsize)
         report.draw(figure)
         figure.suptitle(report.title, fontsize=10)
         figure.tight_layout()
         out[claim] = figure
-    overview = ReportFigure(figsize=(8, 0.6 + 0.35 * (len(reports) + 1)),
-                            text_files={"README.md": readme_markdown(reports, frame)})
+    overview = Figure(figsize=(8, 0.6 + 0.35 * (len(reports) + 1)))
     _draw_verdicts(overview, reports)
     out["verdicts"] = overview
     return out
+
+
+def reports(frame: pd.DataFrame) -> dict[str, str]:
+    """The per-claim pages ``<claim>.md`` and the ``README.md`` with every verdict."""
+    analyzed = analyze(frame)
+    pages = {f"{claim}.md": claim_markdown(report) for claim, report in analyzed.items()}
+    return {**pages, "README.md": readme_markdown(analyzed, frame)}
 
 
 def _draw_verdicts(figure: Figure, reports: dict[str, ClaimReport]) -> None:

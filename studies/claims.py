@@ -160,6 +160,11 @@ def figures(frame):
     return claim_figures(frame)
 
 
+def reports(frame):
+    from _claims_report import reports as claim_reports
+    return claim_reports(frame)
+
+
 STUDY = Study(
     name="claims",
     config=Config,
@@ -169,4 +174,5 @@ STUDY = Study(
     run=run,
     tables=tables,
     figures=figures,
+    reports=reports,
 )

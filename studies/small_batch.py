@@ -402,27 +402,14 @@ def readme(frame) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Figure (its savefig also writes README.md next to it: the hooks get no folder)
+# Figure
 # ---------------------------------------------------------------------------------------------
 
 def figures(frame):
     from matplotlib.figure import Figure
 
-    class FigureWithReadme(Figure):
-        """Saving the figure also writes the study's README.md in the same folder: the
-        sweep runner calls ``figure.savefig(<results dir>/<name>.png)``, and neither hook is
-        told that folder."""
-
-        readme_text = ""
-
-        def savefig(self, fname, *args, **kwargs):
-            super().savefig(fname, *args, **kwargs)
-            from pathlib import Path
-            Path(fname).with_name("README.md").write_text(self.readme_text, encoding="utf-8")
-
     models = [m for m in NORMS if (frame["model"] == m).any()]
-    figure = FigureWithReadme(figsize=(5.5 * len(models), 4))
-    figure.readme_text = readme(frame)
+    figure = Figure(figsize=(5.5 * len(models), 4))
     for i, model in enumerate(models):
         axes = figure.add_subplot(1, len(models), i + 1)
         stats = cell_stats(frame, model)
@@ -454,4 +441,5 @@ STUDY = Study(
     run=run,
     tables=tables,
     figures=figures,
+    reports=lambda frame: {"README.md": readme(frame)},
 )

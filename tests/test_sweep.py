@@ -420,6 +420,46 @@ def test_named_tables_get_a_section_and_a_csv_each(tmp_path, quick_sweep):
     assert scores["nan_loss"] == "— (4 div)" and scores["fail"] == "— (4 failed)"
 
 
+def test_reports_hook_writes_its_text_files_beside_the_tables(tmp_path, quick_sweep):
+    source, _ = quick_sweep
+    (tmp_path / "runs.csv").write_bytes((source / "runs.csv").read_bytes())
+    study = toy_variant(figures=None, reports=lambda df: {
+        "README.md": f"# toy\n{int((df['status'] == 'ok').sum())} ok runs\n",
+        "notes.txt": "widths " + " ".join(map(str, sorted(set(df["width"]))))})
+    written = sweep.summarize(study, tmp_path, quick=True)
+    assert [p.name for p in written] == ["table.md", "table.csv", "README.md", "notes.txt"]
+    assert (tmp_path / "README.md").read_text() == "# toy\n4 ok runs\n"
+    assert (tmp_path / "notes.txt").read_text() == "widths 4 8"
+
+
+@pytest.mark.parametrize("name", ["../escape.md", "sub/README.md", ""])
+def test_reports_refuse_paths_outside_the_results_folder(tmp_path, quick_sweep, name):
+    source, _ = quick_sweep
+    (tmp_path / "runs.csv").write_bytes((source / "runs.csv").read_bytes())
+    study = toy_variant(figures=None, reports=lambda df: {name: "text"})
+    with pytest.raises(sweep.SweepError, match="plain files in the results folder"):
+        sweep.summarize(study, tmp_path, quick=True)
+    assert not (tmp_path.parent / "escape.md").exists()
+
+
+def test_read_runs_builds_a_wide_frame_without_fragmenting(tmp_path):
+    @dataclasses.dataclass(frozen=True)
+    class Wide:
+        seed: int = 0
+
+    metrics = tuple(f"m{i}" for i in range(300))
+    study = Study(name="wide", config=Wide, metrics=metrics, grid_quick={"seed": [0, 1]},
+                  grid_full={"seed": [0, 1]}, run=lambda config: {})
+    header = ",".join(study.columns)
+    rows = [",".join([str(seed), *(str(seed + i / 10) for i in range(300)),
+                      "ok", "", "0.5", "0.1", "rev", "2026"])
+            for seed in (0, 1)]
+    (tmp_path / "runs.csv").write_text("\n".join([header, *rows]) + "\n")
+    frame, left_out = sweep.read_runs(study, tmp_path, quick=True)   # a warning would fail here
+    assert left_out == 0 and list(frame.columns) == list(study.columns)
+    np.testing.assert_array_equal(frame["m299"], [29.9, 30.9])
+
+
 def test_table_is_written_without_matplotlib(tmp_path, quick_sweep, monkeypatch, caplog):
     source, _ = quick_sweep
     (tmp_path / "runs.csv").write_bytes((source / "runs.csv").read_bytes())
