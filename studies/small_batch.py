@@ -317,6 +317,13 @@ def _statistics_lines(frame, model, stats) -> list[str]:
     pairs = [f"{eval_cells[s][0]:.1f}% / {batch_stats[s][0]:.1f}% at {s}" for s in sizes]
     lines.append("- Batch norm, test error with running statistics / with the test batch's own "
                  f"statistics: {'; '.join(pairs)}.")
+    instance = stats.get("instance", {})
+    if 1 in batch_stats and 1 in instance and 1 in eval_cells:
+        lines.append("- At batch 1 the CNN's batch norm normalizes each signal over its own "
+                     "positions, as instance norm does: with the test signal's own statistics "
+                     f"it scores {_fmt(batch_stats[1][0])} (instance norm: "
+                     f"{_fmt(instance[1][0])}), with the running statistics "
+                     f"{_fmt(eval_cells[1][0])}.")
     if stat_error:
         values = [f"{stat_error[s][0]:.2f} at {s}" for s in sizes if s in stat_error
                   and not math.isnan(stat_error[s][0])]
