@@ -233,6 +233,12 @@ def _conv_length(length: int, kernel_size: int, stride: int) -> int:
     return (length + 2 * (kernel_size // 2) - kernel_size) // stride + 1
 
 
+def _norm_layer(config: TrainConfig, num_features: int, length: int | None = None) -> list:
+    """[the norm layer], or [] for "none": the baseline has no layer there (not an identity
+    that copies, which would charge the baseline for work it does not do)."""
+    return [] if config.norm == "none" else [make_norm(config, num_features, length)]
+
+
 def build_model(config: TrainConfig, input_shape: tuple[int, ...], num_classes: int,
                 rng: np.random.Generator) -> Sequential:
     """The model for ``config.model``; ``input_shape`` is one example's shape.
@@ -249,7 +255,8 @@ def build_model(config: TrainConfig, input_shape: tuple[int, ...], num_classes: 
             raise ValueError(f"the mlp takes examples of shape (F,), got {input_shape}")
         width_in = input_shape[0]
         for width in config.hidden_widths:
-            layers += [Dense(width_in, width, **layer_options), make_norm(config, width), ReLU()]
+            layers += [Dense(width_in, width, **layer_options),
+                       *_norm_layer(config, width), ReLU()]
             width_in = width
     else:
         if len(input_shape) != 2:
@@ -259,7 +266,7 @@ def build_model(config: TrainConfig, input_shape: tuple[int, ...], num_classes: 
         for width in config.hidden_widths:
             length = _conv_length(length, k, stride)         # >= 1: padding is k // 2
             layers += [Conv1d(width_in, width, k, stride=stride, padding=k // 2, **layer_options),
-                       make_norm(config, width, length), ReLU()]
+                       *_norm_layer(config, width, length), ReLU()]
             width_in = width
         layers.append(GlobalAvgPool())
     layers.append(Dense(width_in, num_classes, **layer_options))

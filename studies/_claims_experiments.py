@@ -213,8 +213,6 @@ def run_cost(config) -> dict:
     x_train, y_train, x_test, y_test = T.load_data(tc)
     init_rng, order_rng = _generators(config.seed, 2)
     model = T.build_model(tc, x_train.shape[1:], 10, init_rng)
-    # build_model puts an Identity (which copies) where "none" is named: the baseline has none
-    model = Sequential([layer for layer in model if not isinstance(layer, normkit.Identity)])
     criterion, optimizer = SoftmaxCrossEntropy(), _optimizer(config, model)
     order = order_rng.permutation(len(x_train))
     x_train, y_train = x_train[order], y_train[order]

@@ -609,3 +609,22 @@ def test_every_norm_drops_into_a_sequential_by_name():
             check_vjp(out, inputs, grads, dy)
         except GradientMismatch as error:
             raise AssertionError(f"normkit.make({name!r}) in a Sequential: {error}") from None
+
+
+@pytest.mark.parametrize("make", [lambda rng: Conv1d(3, 4, 5, rng=rng),
+                                  lambda rng: Conv2d(2, 3, 3, rng=rng)], ids=["conv1d", "conv2d"])
+def test_copied_conv_computes_with_its_own_weights(make):
+    import copy
+    import pickle
+
+    conv = make(np.random.default_rng(0))
+    x = np.random.default_rng(1).normal(size=(2, conv.in_channels) + (
+        (12,) if isinstance(conv, Conv1d) else (6, 6))).astype(np.float32)
+    expected = conv.forward(x, training=False)
+    for clone in (copy.deepcopy(conv), pickle.loads(pickle.dumps(conv))):
+        np.testing.assert_array_equal(clone.forward(x, training=False), expected)
+        clone.params["weight"][...] = 0.0          # the copy's weights drive the copy ...
+        assert not clone.forward(x, training=False).any()
+        np.testing.assert_array_equal(conv.forward(x, training=False), expected)  # ... only
+        clone.backward(np.ones_like(expected))
+        assert clone.grads["weight"].any() and not conv.grads["weight"].any()

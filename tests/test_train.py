@@ -195,11 +195,21 @@ def norms_of(model):
     return [layer for layer in model if isinstance(layer, normkit.Norm)]
 
 
+@pytest.mark.parametrize("base", ["mnist1d", "digits"])
+def test_no_norm_means_no_layer_not_an_identity(base):
+    config = dataclasses.replace(MNIST1D if base == "mnist1d" else DIGITS, norm="none")
+    shape = (1, 40) if base == "mnist1d" else (64,)
+    model = T.build_model(config, shape, 10, np.random.default_rng(0))
+    assert norms_of(model) == []
+    first = "Conv1d" if base == "mnist1d" else "Dense"
+    assert [type(layer).__name__ for layer in model][:2] == [first, "ReLU"]
+
+
 @pytest.mark.parametrize("norm, cls, shape", [
     ("batch", normkit.BatchNorm, None), ("ghost", normkit.GhostBatchNorm, None),
     ("renorm", normkit.BatchRenorm, None), ("group", normkit.GroupNorm, None),
     ("layer", normkit.GroupNorm, None), ("rms", normkit.RMSNorm, (32, 20)),
-    ("instance", normkit.InstanceNorm, None), ("none", normkit.Identity, None),
+    ("instance", normkit.InstanceNorm, None),
 ])
 def test_cnn_gets_the_norm_after_every_convolution(norm, cls, shape):
     config = dataclasses.replace(MNIST1D, norm=norm)

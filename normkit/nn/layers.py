@@ -234,9 +234,23 @@ class _Conv(Layer):
         else:
             self._bias = np.zeros(self.out_channels, self.dtype)
             self._dbias = np.zeros(self.out_channels, self.dtype)
+        self._make_column_views()
+
+    def _make_column_views(self) -> None:
         # (C_out, C_in * KH * KW) views of the weight and its gradient, for the matmuls
         self._weight_cols = self.params["weight"].reshape(self.out_channels, -1)
         self._dweight_cols = self.grads["weight"].reshape(self.out_channels, -1)
+
+    # copy.deepcopy and pickle copy a view as an array of its own, cut off from the weight it
+    # viewed: drop the views and make them again from the copied weight.
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_weight_cols"], state["_dweight_cols"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._make_column_views()
 
     def _weight_kernel_shape(self) -> tuple:
         raise NotImplementedError
