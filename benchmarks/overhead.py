@@ -6,7 +6,10 @@
   ``backward(dy)`` and the pair, per call; next to the floor of the same work: the fused kernels
   called directly, and an empty ``@njit`` function taking the same arguments (Numba's dispatch);
 - start-up: ``import normkit`` and the first batch-norm forward + backward in fresh processes
-  using this checkout's Numba cache (warm: run once first), median of ``--startups``.
+  using this checkout's Numba cache (warm: run once first), median of ``--startups``; with
+  Python's bytecode cache as the environment has it and switched on (PYTHONDONTWRITEBYTECODE=1
+  makes every start compile normkit's sources), next to the floor: NumPy + Numba and one trivial
+  cached ``@njit`` call.
 
 Times are medians and minima over ``--repeats`` samples (each sample a loop of calls) of wall
 time, and the median of CPU time (``time.thread_time``), which a busy machine inflates less.
@@ -19,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -101,12 +105,42 @@ def tiny_batch_norm(repeats: int) -> dict:
     }
 
 
-def startup(runs: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-c", _STARTUP], env=env, check=True, capture_output=True)
+# The floor of start-up: NumPy and Numba imported, one trivial cached @njit function loaded and
+# called (Numba's own initialization on the first call, which imports scipy.linalg for its BLAS
+# check, is part of it).
+_FLOOR_MODULE = '''
+from numba import njit
+
+
+@njit(cache=True)
+def double(x, y):
+    for i in range(x.size):
+        y.flat[i] = 2 * x.flat[i]
+'''
+
+_FLOOR = '''
+import json, time
+t0 = time.perf_counter()
+import numpy as np
+import numba
+t1 = time.perf_counter()
+import floor_module
+x = np.ones((4, 8, 5, 5), np.float32)
+floor_module.double(x, np.empty_like(x))
+t2 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "first_call_s": t2 - t1}))
+'''
+
+
+def startup(runs: int, script: str = _STARTUP, env_extra: dict | None = None) -> dict:
+    """Median import and first-call seconds of ``script`` in fresh processes (one warm-up run
+    first, so the caches are filled)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
+    env = {key: value for key, value in env.items() if value is not None}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True)
     results = []
     for _ in range(runs):
-        done = subprocess.run([sys.executable, "-c", _STARTUP], env=env, check=True,
+        done = subprocess.run([sys.executable, "-c", script], env=env, check=True,
                               capture_output=True, text=True)
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     total = [r["import_s"] + r["first_call_s"] for r in results]
@@ -128,10 +162,22 @@ def main(argv=None) -> None:
     for name, t in tiny_batch_norm(args.repeats).items():
         print(f"{name:40s} {t['median_us']:8.2f} {t['min_us']:8.2f} {t['cpu_median_us']:8.2f}")
     if not args.no_startup:
-        s = startup(args.startups)
-        print(f"\nstart-up, warm cache, median of {args.startups} fresh processes: import "
-              f"{s['import_s']:.2f} s + first BN forward/backward {s['first_call_s']:.2f} s = "
-              f"{s['total_s']:.2f} s (min {s['total_min_s']:.2f}, max {s['total_max_s']:.2f})")
+        print(f"\nstart-up, warm Numba cache, median of {args.startups} fresh processes "
+              f"(seconds: import + first call = total [min, max])")
+        bytecode = "off" if os.environ.get("PYTHONDONTWRITEBYTECODE") else "on"
+        with tempfile.TemporaryDirectory(prefix="normkit-floor-") as floor_dir:
+            Path(floor_dir, "floor_module.py").write_text(_FLOOR_MODULE)
+            runs = {
+                f"normkit, first BN forward + backward (bytecode cache {bytecode})": {},
+                "normkit, the same with Python's bytecode cache on": {"PYTHONDONTWRITEBYTECODE": None},
+                "floor: numpy + numba, one cached @njit call": {
+                    "PYTHONPATH": floor_dir, "NUMBA_CACHE_DIR": floor_dir},
+            }
+            for label, env_extra in runs.items():
+                script = _FLOOR if label.startswith("floor") else _STARTUP
+                s = startup(args.startups, script, env_extra)
+                print(f"{label:66s} {s['import_s']:.2f} + {s['first_call_s']:.2f} = "
+                      f"{s['total_s']:.2f} [{s['total_min_s']:.2f}, {s['total_max_s']:.2f}]")
     print(f"\n1-min load average: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
           f"({os.cpu_count()} CPUs)")
 
