@@ -8,7 +8,8 @@ Every case is timed in one process, all implementations interleaved (see ``_timi
 compilation happens before timing and is reported separately (the JIT story: a fresh process
 with an empty cache, then a second process with the cache filled). Implementations:
 
-    normkit        normkit.make(...).forward / .backward (checks, state, a fresh output array)
+    normkit        normkit.make(...).forward / .backward (checks, state; the last output array
+                   reused when the caller dropped it, as the benchmark loop does)
     normkit-reuse  the same with reuse_buffers=True (the output arrays are reused)
     kernel         the functional kernel with an ``out=`` array (no checks, no allocation)
     numpy          normkit.reference (plain NumPy; timed right after the others, on its own,

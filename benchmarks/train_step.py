@@ -7,8 +7,10 @@ median and IQR per step.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
+import numba
 import numpy as np
 
 import normkit
@@ -71,6 +73,7 @@ def main(argv=None) -> None:
     parser.add_argument("--inner", type=int, default=10, help="steps per timed block")
     args = parser.parse_args(argv)
 
+    load_before = os.getloadavg()[0]
     rng = np.random.default_rng(0)
     ours, model = normkit_step(args.batch, rng)
     theirs = torch_step(args.batch, rng)
@@ -92,6 +95,8 @@ def main(argv=None) -> None:
         medians[name] = q50
         print(f"{name:8s} {q50:10.1f} {q25:8.1f} {q75:8.1f}")
     print(f"speed-up (torch median / normkit median): {medians['torch'] / medians['normkit']:.1f}x")
+    print(f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
+          f"({os.cpu_count()} CPUs); Numba threads {numba.get_num_threads()}")
 
 
 if __name__ == "__main__":

@@ -13,17 +13,25 @@ Arrays in ``params``/``grads``/``state`` are never replaced, only written into, 
 may hold them and update ``params`` in place. ``forward`` keeps a reference to ``x`` for
 ``backward``: do not modify ``x`` in place between the two.
 
-Every constructor takes ``reuse_buffers`` (default False). With ``reuse_buffers=True`` the
-arrays returned by ``forward`` and ``backward`` are buffers owned by the norm and overwritten by
-the next call of the same method: use y before the next forward and dx before the next backward
-(copy them to keep them). It spares the allocation of a fresh output per call, which for outputs
-of 32 MiB and more (glibc's mmap threshold) means page faults costing more than the kernel. A
-call whose input lives in the buffer it would write (the caller passed back an earlier output)
-gets a fresh array instead.
+Outputs and allocation: a fresh output array per call costs page faults for outputs of 32 MiB
+and more (glibc's mmap threshold), more than the kernel. So each norm keeps the output arrays of
+its last ``forward`` and ``backward``. By default (``reuse_buffers=False``) a kept array is
+written again only when nothing outside the norm references it any more (its reference count:
+a view, a memoryview or a caller's variable all hold one), so an array a caller still holds is
+never overwritten; otherwise the call allocates a fresh one and keeps that. With
+``reuse_buffers=True`` the kept arrays are always reused: use y before the next forward and dx
+before the next backward (copy them to keep them). Either way, a call whose input lives in the
+buffer it would write (the caller passed back an earlier output) gets a fresh array.
+
+Batch norm in training mode runs a fast path: the checks depend only on the input's shape,
+strides, dtype and the mode, so after one fully checked call a call with the same signature
+skips them and runs one fused kernel (statistics, output, running-statistics update, parameter
+finiteness check); backward likewise. Anything else goes through the checked path.
 """
 from __future__ import annotations
 
 import math
+import sys
 from numbers import Integral, Real
 
 import numpy as np
@@ -130,7 +138,8 @@ class Norm:
         self.grads: dict[str, np.ndarray] = {}
         self.state: dict[str, np.ndarray] = {}
         self._saved = None                     # what backward needs, from the last forward
-        self._buffers: dict[str, np.ndarray] = {}   # reused outputs (reuse_buffers=True)
+        self._buffers: dict[str, np.ndarray] = {}   # the last outputs, reused when free
+        self._free_refcount = 0                # sys.getrefcount of a kept array nobody else holds
 
     def _add_param(self, key: str, value: np.ndarray) -> None:
         self.params[key] = np.array(value, dtype=self.dtype)
@@ -143,7 +152,8 @@ class Norm:
             training = _check_bool("training", training)
         x = self._check_array("x", x)
         self._check(x, training)
-        self._check_params()
+        if not self._kernel_checks_params(training):
+            self._check_params()
         canonical = self._canonical(x)
         y, saved, new_state = self._forward(canonical, training)
         if new_state:
@@ -166,16 +176,22 @@ class Norm:
             self.grads[key][...] = value.reshape(self.grads[key].shape)
         return dx.reshape(shape)
 
-    def _buffer(self, key: str, like: np.ndarray, *inputs: np.ndarray):
-        """The reused output array ``key`` shaped like ``like`` (reuse_buffers=True), or None for
-        a fresh one (also when an input shares its memory: it must not be overwritten)."""
-        if not self.reuse_buffers:
-            return None
+    def _buffer(self, key: str, like: np.ndarray, *inputs: np.ndarray) -> np.ndarray:
+        """The array to write output ``key`` (shaped like ``like``) into: the kept one when it
+        may be overwritten (see the module docstring), else a fresh one, kept from now on.
+        ``inputs`` are the call's arrays, which an output must never overwrite."""
         buffer = self._buffers.get(key)
-        if buffer is None or buffer.shape != like.shape:
-            buffer = self._buffers[key] = np.empty(like.shape, self.dtype)
-        elif any(np.may_share_memory(buffer, a) for a in inputs):
-            return None
+        if buffer is not None and buffer.shape == like.shape:
+            if self.reuse_buffers:
+                if not any(np.may_share_memory(buffer, a) for a in inputs):
+                    return buffer
+                return np.empty(like.shape, self.dtype)
+            # Referenced by self._buffers, this local and getrefcount's argument only: the
+            # caller dropped it and every view of it (an input that is such a view counts too).
+            if sys.getrefcount(buffer) <= self._free_refcount:
+                return buffer
+        buffer = self._buffers[key] = np.empty(like.shape, self.dtype)
+        self._free_refcount = sys.getrefcount(buffer)     # the same three references
         return buffer
 
     # -- checks ------------------------------------------------------------------------------
@@ -194,6 +210,10 @@ class Norm:
         for key, value in self.params.items():
             if not _core.all_finite(value.reshape(-1)):
                 raise ValueError(f"params[{key!r}] contains NaN or inf; refusing to normalize with it")
+
+    def _kernel_checks_params(self, training: bool) -> bool:
+        """Whether this call's kernel refuses non-finite params itself (before writing)."""
+        return False
 
     def _check(self, x: np.ndarray, training: bool) -> None:
         pass
@@ -281,14 +301,28 @@ class BatchNorm(_ChannelNorm):
                 f"running_average must be 'exponential' or 'cumulative', got {running_average!r}")
         self.running_average = running_average
         self.track_running_stats = _check_bool("track_running_stats", track_running_stats)
+        C = self.num_features
         if self.track_running_stats:
-            C = self.num_features
             self.state["running_mean"] = np.zeros(C, self.dtype)
             self.state["running_var"] = np.ones(C, self.dtype)
             self.state["num_batches_tracked"] = np.zeros((), np.int64)
+        # The fused training kernels (see _train_forward): their scalars, the batch statistics
+        # they keep for backward, and stand-ins for what a norm without them lacks.
+        self._hyper = np.zeros(4, np.float64)      # _batch.HYPER_* layout
+        self._stats = np.zeros((2, C))             # (2, C) batch mean, biased variance
+        self._no_state = (np.zeros(C, self.dtype), np.ones(C, self.dtype), np.zeros((), np.int64))
+        self._no_grads = (np.zeros(C, self.dtype), np.zeros(C, self.dtype))
+        # The fast path: shape and strides of the last input that passed every check in
+        # training mode (None: none yet), for this class only (subclasses have their own kernels).
+        self._fast_signature = None
+        self._fast_view = None                     # (N, C, L) of that shape
+        self._fast = type(self) is BatchNorm
 
     def _uses_batch_stats(self, training: bool) -> bool:
         return training or not self.track_running_stats
+
+    def _kernel_checks_params(self, training):
+        return self._fast and self._uses_batch_stats(training)      # the fused kernel
 
     def _values_per_channel(self, x, virtual_batch=None) -> int:
         return (virtual_batch or x.shape[0]) * (x.size // (x.shape[0] * x.shape[1]))
@@ -312,23 +346,72 @@ class BatchNorm(_ChannelNorm):
         return {"running_mean": mean, "running_var": var,
                 "num_batches_tracked": self.state["num_batches_tracked"] + 1}
 
+    # -- the fast path (see the module docstring) ------------------------------------------
+    def forward(self, x, training):
+        if (training is True and x.__class__ is np.ndarray and x.dtype is self.dtype
+                and (x.shape, x.strides) == self._fast_signature):
+            canonical = x.reshape(self._fast_view)                       # (N, C, L)
+            y = self._train_forward(canonical, True)
+            self._saved = (canonical, x.shape, True, self._stats)
+            return y.reshape(x.shape)
+        y = super().forward(x, training)
+        if self._fast and training is True and x.flags.c_contiguous:   # x reached the kernel
+            self._fast_signature = (x.shape, x.strides)
+            self._fast_view = self._saved[0].shape
+        return y
+
+    def backward(self, dy):
+        saved = self._saved
+        if (saved is not None and saved[3] is self._stats and dy.__class__ is np.ndarray
+                and dy.dtype is self.dtype and (dy.shape, dy.strides) == self._fast_signature
+                and dy.shape == saved[1]):
+            x = saved[0]                                                 # (N, C, L)
+            dx = self._train_backward(dy.reshape(x.shape), x)
+            return dx.reshape(dy.shape)
+        return super().backward(dy)
+
+    def _train_forward(self, x, training):
+        """The fused kernel: y, the batch statistics into self._stats and (training with
+        tracking) the running statistics, in one call; x (N, C, L) checked."""
+        y = self._buffer("y", x, x)
+        hyper = self._hyper
+        hyper[_batch.HYPER_EPS] = self.eps
+        hyper[_batch.HYPER_MOMENTUM] = self.momentum
+        hyper[_batch.HYPER_CUMULATIVE] = self.running_average == "cumulative"
+        hyper[_batch.HYPER_TRACK] = tracked = training and self.track_running_stats
+        if tracked:
+            state = self.state
+            running = state["running_mean"], state["running_var"], state["num_batches_tracked"]
+        else:
+            running = self._no_state
+        params = self.params if self.affine else self._fixed
+        status = _batch.train_forward_into(x, params["gamma"], params["beta"], y, self._stats,
+                                           *running, hyper)
+        if status != _batch.OK:                # checked before anything was written
+            key = "gamma" if status == _batch.GAMMA_NOT_FINITE else "beta"
+            raise ValueError(f"params[{key!r}] contains NaN or inf; refusing to normalize with it")
+        return y
+
+    def _train_backward(self, dy, x):
+        """dx of the last training forward; writes grads (gamma and beta) directly."""
+        dx = self._buffer("dx", x, dy, x)
+        grads = (self.grads["gamma"], self.grads["beta"]) if self.affine else self._no_grads
+        _batch.backward_into(dy, x, self._gamma, self._stats, self.eps, dx, *grads)
+        return dx
+
     def _forward(self, x, training):
-        out = self._buffer("y", x, x)
         if self._uses_batch_stats(training):
-            y, mean, var = _batch.forward_train(x, self._gamma, self._beta, self.eps, out)
-            new_state = self._running_update(mean, var, self._values_per_channel(x)) if training else {}
-            return y, (mean, var), new_state
+            return self._train_forward(x, training), self._stats, {}
         y = _batch.forward_eval(x, self._gamma, self._beta, self.state["running_mean"],
-                                self.state["running_var"], self.eps, out)
+                                self.state["running_var"], self.eps, self._buffer("y", x, x))
         return y, None, {}
 
     def _backward(self, dy, x, training, saved):
+        if saved is self._stats:               # batch statistics (training forward)
+            return self._train_backward(dy, x), {}
         out = self._buffer("dx", x, dy, x)
-        if saved is None:                      # evaluation mode: statistics were constants
-            dx, dgamma, dbeta = _batch.backward_eval(dy, x, self._gamma, self.state["running_mean"],
-                                                     self.state["running_var"], self.eps, out)
-        else:
-            dx, dgamma, dbeta = _batch.backward(dy, x, self._gamma, *saved, self.eps, out)
+        dx, dgamma, dbeta = _batch.backward_eval(dy, x, self._gamma, self.state["running_mean"],
+                                                 self.state["running_var"], self.eps, out)
         return dx, self._affine_grads(dgamma, dbeta)
 
     def _describe(self):

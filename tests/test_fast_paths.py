@@ -275,3 +275,204 @@ def test_core_allocates_outputs_when_not_given():
     dx_ref, dgamma_ref, _ = ref.batch_backward(dy, x, gamma, 1e-5)
     _close(dx4.reshape(x.shape), dx_ref, "dx")
     _close(dgamma2[:, 0].astype(F32), dgamma_ref, "dgamma")
+
+
+# -- default buffer reuse: only when nothing outside the norm holds the last output --------------
+
+REUSE_CASES = [
+    ("batch", (6, 4, 5), {}), ("batch", (6, 4), {}), ("ghost", (6, 4), {"virtual_batch_size": 3}),
+    ("renorm", (6, 4), {}), ("group", (3, 4, 5), {"num_groups": 2}), ("instance", (3, 4, 5), {}),
+    ("layer", (3, 4), {}), ("rms", (3, 4), {})]
+
+
+def _features(name, shape):
+    return shape[-1] if name in ("layer", "rms") else shape[1]
+
+
+@pytest.mark.parametrize("name,shape,kwargs", REUSE_CASES)
+def test_default_reuse_never_overwrites_an_output_the_caller_holds(name, shape, kwargs):
+    norm = normkit.make(name, _features(name, shape), **kwargs)
+    rng = np.random.default_rng(1)
+    x1, x2 = (rng.standard_normal(shape).astype(F32) for _ in range(2))
+    dy1, dy2 = (rng.standard_normal(shape).astype(F32) for _ in range(2))
+    y1 = norm.forward(x1, training=True)
+    dx1 = norm.backward(dy1)
+    y1_row = y1[0]                             # a view also keeps its base
+    kept = (y1.copy(), dx1.copy())
+    y2 = norm.forward(x2, training=True)
+    dx2 = norm.backward(dy2)
+    assert not np.shares_memory(y1, y2) and not np.shares_memory(dx1, dx2)
+    np.testing.assert_array_equal(y1, kept[0])
+    np.testing.assert_array_equal(dx1, kept[1])
+    del y1, dx1
+    y3 = norm.forward(x1, training=True)       # y1 lives on through its row view
+    assert not np.shares_memory(y3, y1_row)
+    np.testing.assert_array_equal(y1_row, kept[0][0])
+
+
+@pytest.mark.parametrize("name,shape,kwargs", REUSE_CASES)
+def test_default_reuse_takes_the_last_output_once_it_is_dropped(name, shape, kwargs):
+    norm = normkit.make(name, _features(name, shape), **kwargs)
+    plain = normkit.make(name, _features(name, shape), **kwargs)
+    rng = np.random.default_rng(2)
+    x, dy = rng.standard_normal(shape).astype(F32), rng.standard_normal(shape).astype(F32)
+    y = norm.forward(x, training=True)
+    dx = norm.backward(dy)
+    y_address, dx_address = y.ctypes.data, dx.ctypes.data
+    del y, dx
+    y = norm.forward(x, training=True)
+    dx = norm.backward(dy)
+    assert (y.ctypes.data, dx.ctypes.data) == (y_address, dx_address)
+    plain.forward(x, training=True)
+    plain.backward(dy)
+    np.testing.assert_array_equal(y, plain.forward(x, training=True))
+    np.testing.assert_array_equal(dx, plain.backward(dy))
+
+
+def test_default_reuse_never_overwrites_an_input():
+    """An earlier output fed back in (y as x, dx as dy) is an input: the call writes elsewhere."""
+    norm = normkit.make("layer", 4)
+    plain = normkit.make("layer", 4)
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(F32)
+    y1 = norm.forward(x, training=True)
+    expected = plain.forward(plain.forward(x, training=True).copy(), training=True)
+    y2 = norm.forward(y1, training=True)
+    assert not np.shares_memory(y2, y1)
+    np.testing.assert_array_equal(y2, expected)
+
+
+# -- batch norm's fast path ----------------------------------------------------------------------
+
+def _no_checks(norm, monkeypatch):
+    """Make the checked path fail loudly, so a call that passes took the fast path."""
+    def checked(*args, **kwargs):
+        raise AssertionError("the checked path ran")
+    for method in ("_check", "_check_array", "_check_params"):
+        monkeypatch.setattr(norm, method, checked)
+
+
+@pytest.mark.parametrize("shape", [(2, 512), (6, 4, 5), (3, 4, 2, 3)], ids=str)
+@pytest.mark.parametrize("kwargs", [{}, {"running_average": "cumulative"}, {"affine": False},
+                                    {"track_running_stats": False}], ids=str)
+def test_batch_fast_path_equals_checked_path(shape, kwargs, monkeypatch):
+    fast = normkit.make("batch", shape[1], **kwargs)
+    checked = normkit.make("batch", shape[1], **kwargs)
+    rng = np.random.default_rng(3)
+    for step in range(4):
+        x = rng.standard_normal(shape).astype(F32) * 2 + 0.5
+        dy = rng.standard_normal(shape).astype(F32)
+        if step == 1:
+            _no_checks(fast, monkeypatch)      # the first call checked and cached the signature
+        y = fast.forward(x, training=True)
+        dx = fast.backward(dy)
+        checked._fast_signature = None         # always the checked path
+        np.testing.assert_array_equal(y, checked.forward(x, training=True))
+        checked._fast_signature = None
+        np.testing.assert_array_equal(dx, checked.backward(dy))
+        for member in ("grads", "state"):
+            for key, value in getattr(checked, member).items():
+                np.testing.assert_array_equal(getattr(fast, member)[key], value, err_msg=key)
+    gamma = np.ones(shape[1], F32)
+    y_ref, _, _ = ref.batch_forward_train(x, gamma, np.zeros(shape[1], F32), 1e-5)
+    _close(y, y_ref, "y")
+    _close(dx, ref.batch_backward(dy, x, gamma, 1e-5)[0], "dx")
+
+
+def test_batch_fast_path_follows_a_changed_momentum_and_eps():
+    norm = normkit.make("batch", 3)
+    x = np.random.default_rng(4).standard_normal((5, 3)).astype(F32)
+    norm.forward(x, training=True)
+    norm.momentum, norm.eps = 0.5, 0.25
+    before = norm.state["running_mean"].copy()
+    y = norm.forward(x, training=True)
+    gamma, beta = np.ones(3, F32), np.zeros(3, F32)
+    _close(y, ref.batch_forward_train(x, gamma, beta, 0.25)[0], "y with the new eps")
+    _close(norm.state["running_mean"], 0.5 * before + 0.5 * x.mean(axis=0), "running_mean")
+
+
+FAST_BAD_CALLS = [
+    ("x float64", lambda x: x.astype(np.float64), TypeError, "x has dtype float64"),
+    ("x list", lambda x: x.tolist(), TypeError, "x must be a numpy array"),
+    ("x channels", lambda x: x[:, :3], ValueError, "num_features=4"),
+    ("x one row", lambda x: x[:1], ValueError, "more than 1 value per channel"),
+    ("x int", lambda x: x.astype(np.int32), TypeError, "floating-point"),
+]
+
+
+@pytest.mark.parametrize("what,make_bad,exc,fragment", FAST_BAD_CALLS, ids=[c[0] for c in FAST_BAD_CALLS])
+def test_batch_fast_path_still_refuses_bad_x_and_changes_nothing(what, make_bad, exc, fragment):
+    norm = normkit.make("batch", 4)
+    rng = np.random.default_rng(5)
+    x, dy = rng.standard_normal((6, 4)).astype(F32), rng.standard_normal((6, 4)).astype(F32)
+    norm.forward(x, training=True)
+    norm.forward(x, training=True)             # the fast path is warm
+    state = {k: v.copy() for k, v in norm.state.items()}
+    with pytest.raises(exc, match=fragment):
+        norm.forward(make_bad(x), training=True)
+    for key, value in state.items():
+        np.testing.assert_array_equal(norm.state[key], value, err_msg=key)
+    plain = normkit.make("batch", 4)
+    plain.forward(x, training=True)
+    np.testing.assert_array_equal(norm.backward(dy), plain.backward(dy))   # _saved intact
+
+
+@pytest.mark.parametrize("key", ["gamma", "beta"])
+def test_batch_fast_path_refuses_non_finite_params_and_changes_nothing(key):
+    norm = normkit.make("batch", 4)
+    rng = np.random.default_rng(6)
+    x, dy = rng.standard_normal((6, 4)).astype(F32), rng.standard_normal((6, 4)).astype(F32)
+    norm.forward(x, training=True)
+    y_kept = norm.forward(x, training=True)
+    state = {k: v.copy() for k, v in norm.state.items()}
+    stats = norm._stats.copy()
+    norm.params[key][1] = np.nan
+    with pytest.raises(ValueError, match=rf"params\['{key}'\] contains NaN"):
+        norm.forward(x + 1, training=True)
+    for name, value in state.items():
+        np.testing.assert_array_equal(norm.state[name], value, err_msg=name)
+    np.testing.assert_array_equal(norm._stats, stats)
+    norm.params[key][1] = 1.0 if key == "gamma" else 0.0
+    plain = normkit.make("batch", 4)
+    plain.forward(x, training=True)
+    np.testing.assert_array_equal(y_kept, plain.forward(x, training=True))
+    np.testing.assert_array_equal(norm.backward(dy), plain.backward(dy))
+
+
+@pytest.mark.parametrize("bad,exc,fragment", [
+    (lambda dy: dy.astype(np.float64), TypeError, "dy has dtype float64"),
+    (lambda dy: dy[:, :3].copy(), ValueError, "dy must have the shape"),
+    (lambda dy: dy.tolist(), TypeError, "dy must be a numpy array"),
+], ids=["float64", "shape", "list"])
+def test_batch_fast_backward_still_refuses_bad_dy_and_changes_nothing(bad, exc, fragment):
+    norm = normkit.make("batch", 4)
+    rng = np.random.default_rng(7)
+    x, dy = rng.standard_normal((6, 4)).astype(F32), rng.standard_normal((6, 4)).astype(F32)
+    norm.forward(x, training=True)
+    norm.backward(dy)
+    grads = {k: v.copy() for k, v in norm.grads.items()}
+    with pytest.raises(exc, match=fragment):
+        norm.backward(bad(dy))
+    for key, value in grads.items():
+        np.testing.assert_array_equal(norm.grads[key], value, err_msg=key)
+
+
+def test_batch_fast_backward_needs_the_shape_of_the_last_forward():
+    """A forward of another shape in between: backward checks dy against that one."""
+    norm = normkit.make("batch", 4)
+    rng = np.random.default_rng(8)
+    x, dy = rng.standard_normal((6, 4)).astype(F32), rng.standard_normal((6, 4)).astype(F32)
+    norm.forward(x, training=True)
+    norm.backward(dy)
+    norm.forward(x[:3].copy(), training=True)
+    with pytest.raises(ValueError, match="dy must have the shape"):
+        norm.backward(dy)
+
+
+def test_batch_fast_path_handles_non_contiguous_x_by_the_checked_path():
+    norm = normkit.make("batch", 4)
+    plain = normkit.make("batch", 4)
+    x = np.random.default_rng(9).standard_normal((4, 6)).astype(F32)
+    norm.forward(np.ascontiguousarray(x.T), training=True)
+    y = norm.forward(x.T, training=True)       # same shape, other strides
+    plain.forward(np.ascontiguousarray(x.T), training=True)
+    np.testing.assert_array_equal(y, plain.forward(np.ascontiguousarray(x.T), training=True))

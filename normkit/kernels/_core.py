@@ -559,10 +559,12 @@ def _affine_coefficients(x2, mean, var, eps, gamma, beta):
 def _affine_coefficients_row(mean, var, eps, gamma, beta, mean_hi, scale, shift):
     """One row-group of _affine_coefficients; every array (C,) contiguous, so it vectorizes."""
     for c in range(mean.size):
+        mean64 = mean[c]
+        mean_rounded = _cast_like(mean_hi, mean64)   # a local, not a read back: vectorizes
         scale64 = gamma[c] / np.sqrt(var[c] + eps)
-        mean_hi[c] = mean[c]
+        mean_hi[c] = mean_rounded
         scale[c] = scale64
-        shift[c] = beta[c] - (mean[c] - mean_hi[c]) * scale64
+        shift[c] = beta[c] - (mean64 - mean_rounded) * scale64
 
 
 @jit()
@@ -824,10 +826,12 @@ def _dx_coefficients_row(mean, var, eps, gamma, B, centered, frozen, s_dy, s_dy_
         mean_dxhat = gamma_c * s_dy[c] / B if centered and not frozen else 0.0
         mean_dxhat_xhat = gamma_c * s_dy_dev[c] * inv_std / B if not frozen else 0.0
         x_coef64 = -inv_std * inv_std * mean_dxhat_xhat
-        mean_hi[c] = mean[c]
+        mean64 = mean[c]
+        mean_rounded = _cast_like(mean_hi, mean64)
+        mean_hi[c] = mean_rounded
         dy_coef[c] = inv_std * gamma_c
         x_coef[c] = x_coef64
-        const[c] = -inv_std * mean_dxhat - (mean[c] - mean_hi[c]) * x_coef64
+        const[c] = -inv_std * mean_dxhat - (mean64 - mean_rounded) * x_coef64
 
 
 @jit()

@@ -127,3 +127,63 @@ def ghost_backward(dy, x, gamma, means, variances, eps, virtual_batch_size, out=
                                         gamma.reshape((C, 1)), means, variances, eps, True,
                                         _view(dx))
     return dx, dgamma2[:, 0].copy(), dbeta2[:, 0].copy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused training step of the BatchNorm class: one call per direction, nothing returned but a
+# status code (every array returned to Python costs about a microsecond to box), outputs written
+# into arrays the caller owns.
+# ---------------------------------------------------------------------------------------------
+
+#: Status codes of :func:`train_forward_into`.
+OK, GAMMA_NOT_FINITE, BETA_NOT_FINITE = 0, 1, 2
+
+# Layout of the ``hyper`` array of :func:`train_forward_into` (float64).
+HYPER_EPS, HYPER_MOMENTUM, HYPER_CUMULATIVE, HYPER_TRACK = 0, 1, 2, 3
+
+
+@jit()
+def train_forward_into(x, gamma, beta, y, stats, running_mean, running_var, num_batches_tracked,
+                       hyper):
+    """Training forward with the running-statistics update fused in; returns a status code.
+
+    x, y (N, C, *S) C-contiguous, same dtype; gamma, beta (C,); stats (2, C) float64 receives
+    the batch mean and biased variance (what :func:`backward_into` needs); running_mean,
+    running_var (C,) and num_batches_tracked (0-d int64) are updated in place when
+    hyper[HYPER_TRACK] != 0, with momentum hyper[HYPER_MOMENTUM], or 1 / (tracked + 1) when
+    hyper[HYPER_CUMULATIVE] != 0 (the rule of :func:`running_update`); eps = hyper[HYPER_EPS].
+    Returns OK, or GAMMA_NOT_FINITE / BETA_NOT_FINITE before writing anything.
+    """
+    if not _core.all_finite(gamma):
+        return GAMMA_NOT_FINITE
+    if not _core.all_finite(beta):
+        return BETA_NOT_FINITE
+    C = x.shape[1]
+    mean = stats[0]                            # (C,) views of the caller's array
+    var = stats[1]
+    _core._forward(_view(x), x.shape[0], gamma.reshape((C, 1)), beta.reshape((C, 1)),
+                   hyper[HYPER_EPS], True, _view(y), mean.reshape((1, C)), var.reshape((1, C)),
+                   _core.STATS_AND_APPLY)
+    if hyper[HYPER_TRACK] != 0:
+        momentum = hyper[HYPER_MOMENTUM]
+        if hyper[HYPER_CUMULATIVE] != 0:
+            momentum = 1.0 / (num_batches_tracked[()] + 1)
+        correction = (x.size // C) / ((x.size // C) - 1.0)
+        for c in range(C):
+            running_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * mean[c]
+            running_var[c] = (1.0 - momentum) * running_var[c] + momentum * var[c] * correction
+        num_batches_tracked[()] += 1
+    return OK
+
+
+@jit()
+def backward_into(dy, x, gamma, stats, eps, dx, dgamma, dbeta):
+    """Gradient of :func:`train_forward_into`: dx into ``dx`` (x's shape), dgamma and dbeta
+    (C,) into ``dgamma``/``dbeta`` (rounded to their dtype); stats (2, C) as the forward wrote it."""
+    C = x.shape[1]
+    _, dgamma2, dbeta2 = _core._backward(_view(dy), _view(x), x.shape[0], gamma.reshape((C, 1)),
+                                         stats[0].reshape((1, C)), stats[1].reshape((1, C)), eps,
+                                         True, False, _view(dx))
+    for c in range(C):
+        dgamma[c] = dgamma2[c, 0]
+        dbeta[c] = dbeta2[c, 0]

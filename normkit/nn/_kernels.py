@@ -6,9 +6,14 @@ compiled variant per dtype serves every layer shape.
 """
 from __future__ import annotations
 
+import ctypes
 import math
 
+import numba
 import numpy as np
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
 from ..kernels._jit import jit
 
@@ -266,7 +271,7 @@ def binary_cross_entropy(logits, targets, dlogits):
 
 
 # ---------------------------------------------------------------------------------------------
-# Optimizers over typed lists of 1-D parameter views (one call updates every parameter)
+# Optimizers: one call updates every parameter (clipping: typed lists of 1-D views)
 # ---------------------------------------------------------------------------------------------
 
 @jit(reduction=True)
@@ -285,6 +290,33 @@ def scale_all(grads, factor):                     # factor: a 1-element array of
             g[i] *= factor[0]
 
 
+# The optimizers address their arrays through a table of raw addresses, one row per parameter:
+#     table[j] = [size, param, grad, buffer_a, buffer_b]       (int64; unused buffers 0)
+# One small int64 array crosses into Numba per step instead of typed lists of views, whose
+# unboxing costs about a microsecond per array. The Optimizer holds every array it lists, so the
+# addresses stay valid while the table exists.
+TABLE_SIZE, TABLE_PARAM, TABLE_GRAD, TABLE_BUFFER_A, TABLE_BUFFER_B = range(5)
+
+
+def _array_at(address, size, like):
+    """The (size,) array of ``like``'s dtype stored at ``address`` (a view, not a copy)."""
+    buffer = (ctypes.c_char * (int(size) * like.itemsize)).from_address(int(address))
+    return np.frombuffer(buffer, like.dtype)
+
+
+@intrinsic
+def _voidptr(typingctx, address):
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+    return types.voidptr(types.int64), codegen
+
+
+@overload(_array_at)
+def _array_at_jit(address, size, like):
+    dtype = like.dtype
+    return lambda address, size, like: numba.carray(_voidptr(address), size, dtype)
+
+
 # Hyperparameters come in a small array of the parameters' dtype (a NumPy scalar argument costs
 # Numba's dispatcher several microseconds to type; an array costs nothing), so float32 models
 # update in float32 arithmetic as torch does. Branches sit outside the loops so they vectorize.
@@ -292,22 +324,24 @@ def scale_all(grads, factor):                     # factor: a 1-element array of
 # PyTorch's SGD: d = g + wd p;  buf = mu buf + d;  d = d + mu buf (Nesterov) or buf;  p -= lr d.
 # hyper = [lr, mu, wd]. With mu = 0 the buffer is not used.
 @jit()
-def sgd_step(params, grads, buffers, hyper, nesterov):
+def sgd_step(table, hyper, nesterov):
+    """One SGD step over a parameter table (see above); buffer_a is the momentum buffer."""
     lr, momentum, weight_decay = hyper[0], hyper[1], hyper[2]
-    for j in range(len(params)):
-        p = params[j]
-        g = grads[j]
-        buf = buffers[j]
+    for j in range(table.shape[0]):
+        size = table[j, TABLE_SIZE]
+        p = _array_at(table[j, TABLE_PARAM], size, hyper)
+        g = _array_at(table[j, TABLE_GRAD], size, hyper)
+        buf = _array_at(table[j, TABLE_BUFFER_A], size, hyper)
         if momentum == 0:
-            for i in range(p.size):
+            for i in range(size):
                 p[i] -= lr * (g[i] + weight_decay * p[i])
         elif nesterov:
-            for i in range(p.size):
+            for i in range(size):
                 d = g[i] + weight_decay * p[i]
                 buf[i] = momentum * buf[i] + d
                 p[i] -= lr * (d + momentum * buf[i])
         else:
-            for i in range(p.size):
+            for i in range(size):
                 buf[i] = momentum * buf[i] + (g[i] + weight_decay * p[i])
                 p[i] -= lr * buf[i]
 
@@ -319,16 +353,17 @@ def sgd_step(params, grads, buffers, hyper, nesterov):
 #          decoupled factor 1 - lr wd], computed by the caller in float64 as torch does with its
 # Python floats (1 - b2 in float32 arithmetic would be off by 1e-5 relative for b2 = 0.999).
 @jit()
-def adam_step(params, grads, exp_avgs, exp_avg_sqs, hyper):
+def adam_step(table, hyper):                      # buffer_a: exp_avg, buffer_b: exp_avg_sq
     step_size, bias_correction2_sqrt = hyper[0], hyper[1]
     one_minus_beta1, beta2, one_minus_beta2, eps = hyper[2], hyper[3], hyper[4], hyper[5]
     coupled_decay, decoupled_factor = hyper[6], hyper[7]
-    for j in range(len(params)):
-        p = params[j]
-        g = grads[j]
-        m = exp_avgs[j]
-        v = exp_avg_sqs[j]
-        for i in range(p.size):
+    for j in range(table.shape[0]):
+        size = table[j, TABLE_SIZE]
+        p = _array_at(table[j, TABLE_PARAM], size, hyper)
+        g = _array_at(table[j, TABLE_GRAD], size, hyper)
+        m = _array_at(table[j, TABLE_BUFFER_A], size, hyper)
+        v = _array_at(table[j, TABLE_BUFFER_B], size, hyper)
+        for i in range(size):
             p[i] *= decoupled_factor
             d = g[i] + coupled_decay * p[i]
             m[i] += one_minus_beta1 * (d - m[i])
@@ -341,21 +376,22 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, hyper):
 #   buf = mu buf + g / a;  p -= lr buf      (mu = 0: p -= lr g / a)
 # hyper = [lr, alpha, 1 - alpha, eps, wd, mu]
 @jit()
-def rmsprop_step(params, grads, square_avgs, buffers, hyper):
+def rmsprop_step(table, hyper):                   # buffer_a: square_avg, buffer_b: momentum
     lr, alpha, one_minus_alpha, eps = hyper[0], hyper[1], hyper[2], hyper[3]
     weight_decay, momentum = hyper[4], hyper[5]
-    for j in range(len(params)):
-        p = params[j]
-        g = grads[j]
-        s = square_avgs[j]
-        buf = buffers[j]
+    for j in range(table.shape[0]):
+        size = table[j, TABLE_SIZE]
+        p = _array_at(table[j, TABLE_PARAM], size, hyper)
+        g = _array_at(table[j, TABLE_GRAD], size, hyper)
+        s = _array_at(table[j, TABLE_BUFFER_A], size, hyper)
+        buf = _array_at(table[j, TABLE_BUFFER_B], size, hyper)
         if momentum == 0:
-            for i in range(p.size):
+            for i in range(size):
                 d = g[i] + weight_decay * p[i]
                 s[i] = alpha * s[i] + one_minus_alpha * d * d
                 p[i] -= lr * (d / (np.sqrt(s[i]) + eps))
         else:
-            for i in range(p.size):
+            for i in range(size):
                 d = g[i] + weight_decay * p[i]
                 s[i] = alpha * s[i] + one_minus_alpha * d * d
                 buf[i] = momentum * buf[i] + d / (np.sqrt(s[i]) + eps)

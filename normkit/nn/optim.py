@@ -90,11 +90,21 @@ class Optimizer:
         self._hyper = np.zeros(9, self.dtype)      # hyperparameters for the kernel; [-1]: clip factor
         #: optimizer buffers per parameter name, e.g. {"0.weight": {"momentum": ...}}
         self.state: dict[str, dict[str, np.ndarray]] = {key: {} for key in self.params}
+        # (P, 5) int64 addresses for the update kernels (see _kernels.TABLE_*); filled by
+        # _add_buffers. self.params, self.grads and self.state hold every array it points to.
+        self._table = np.zeros((len(self.params), 5), np.int64)
+        for j, key in enumerate(self.params):
+            self._table[j, K.TABLE_SIZE] = self.params[key].size
+            self._table[j, K.TABLE_PARAM] = self.params[key].ctypes.data
+            self._table[j, K.TABLE_GRAD] = self.grads[key].ctypes.data
 
-    def _buffer_views(self, name: str) -> List:
-        for key, p in self.params.items():
-            self.state[key][name] = np.zeros_like(p)
-        return _flat_views({key: s[name] for key, s in self.state.items()}, self.dtype, name)
+    def _add_buffers(self, *names: str) -> None:
+        """Zero buffers shaped like each parameter, in ``state``, listed in the table as
+        buffer_a, buffer_b in the order named."""
+        for column, name in zip((K.TABLE_BUFFER_A, K.TABLE_BUFFER_B), names):
+            for j, (key, p) in enumerate(self.params.items()):
+                buffer = self.state[key][name] = np.zeros_like(p)
+                self._table[j, column] = buffer.ctypes.data
 
     def step(self):
         """Update every parameter in place from its gradient. Returns the gradients' global norm
@@ -125,12 +135,12 @@ class SGD(Optimizer):
         if nesterov and self.momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0")
         self.nesterov = nesterov
-        self._momentum = self._buffer_views("momentum")
+        self._add_buffers("momentum")
 
     def _update(self):
         hyper = self._hyper
         hyper[0], hyper[1], hyper[2] = self.lr, self.momentum, self.weight_decay
-        K.sgd_step(self._param_views, self._grad_views, self._momentum, hyper, self.nesterov)
+        K.sgd_step(self._table, hyper, self.nesterov)
 
 
 class Adam(Optimizer):
@@ -151,8 +161,7 @@ class Adam(Optimizer):
         if not isinstance(decoupled_weight_decay, bool):
             raise TypeError(f"decoupled_weight_decay must be True or False, got {decoupled_weight_decay!r}")
         self.decoupled_weight_decay = decoupled_weight_decay
-        self._exp_avg = self._buffer_views("exp_avg")
-        self._exp_avg_sq = self._buffer_views("exp_avg_sq")
+        self._add_buffers("exp_avg", "exp_avg_sq")
 
     def _update(self):
         (beta1, beta2), t, decay, hyper = self.betas, self.step_count, self.weight_decay, self._hyper
@@ -163,7 +172,7 @@ class Adam(Optimizer):
             hyper[6], hyper[7] = 0.0, 1 - self.lr * decay
         else:
             hyper[6], hyper[7] = decay, 1.0
-        K.adam_step(self._param_views, self._grad_views, self._exp_avg, self._exp_avg_sq, hyper)
+        K.adam_step(self._table, hyper)
 
 
 class RMSProp(Optimizer):
@@ -177,14 +186,13 @@ class RMSProp(Optimizer):
         self.alpha = _check_number("alpha", alpha, 0.0, 1.0)
         self.eps = _check_number("eps", eps, 0.0)
         self.momentum = _check_number("momentum", momentum, 0.0, 1.0)
-        self._square_avg = self._buffer_views("square_avg")
-        self._momentum = self._buffer_views("momentum")
+        self._add_buffers("square_avg", "momentum")
 
     def _update(self):
         hyper = self._hyper
         hyper[0], hyper[1], hyper[2] = self.lr, self.alpha, 1 - self.alpha
         hyper[3], hyper[4], hyper[5] = self.eps, self.weight_decay, self.momentum
-        K.rmsprop_step(self._param_views, self._grad_views, self._square_avg, self._momentum, hyper)
+        K.rmsprop_step(self._table, hyper)
 
 
 def clip_grad_norm(grads, max_norm) -> float:

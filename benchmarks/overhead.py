@@ -1,0 +1,186 @@
+"""Per-call overhead and start-up of normkit (issues 5 and 7), one thread, many repeats.
+
+    PYTHONPATH=. NUMBA_NUM_THREADS=1 python benchmarks/overhead.py [--repeats 41] [--startups 5]
+
+- tiny batch norm, (2, 512) float32, through the public ``Norm``: ``forward(x, training=True)``,
+  ``backward(dy)`` and the pair, per call; next to the floor of the same work: the fused kernels
+  called directly, and an empty ``@njit`` function taking the same arguments (Numba's dispatch);
+- start-up: ``import normkit`` and the first batch-norm forward + backward in fresh processes
+  using this checkout's Numba cache (warm: run once first), median of ``--startups``; with
+  Python's bytecode cache as the environment has it and switched on (PYTHONDONTWRITEBYTECODE=1
+  makes every start compile normkit's sources), next to the floor: NumPy + Numba and one trivial
+  cached ``@njit`` call.
+
+Times are medians and minima over ``--repeats`` samples (each sample a loop of calls) of wall
+time, and the median of CPU time (``time.thread_time``), which a busy machine inflates less.
+The 1-minute load average is printed before and after.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_STARTUP = '''
+import json, time
+t0 = time.perf_counter()
+import numpy as np
+import normkit
+t1 = time.perf_counter()
+x = np.ones((4, 8, 5, 5), np.float32); x[0] = 2
+norm = normkit.make("batch", 8)
+norm.forward(x, training=True)
+norm.backward(x)
+t2 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "first_call_s": t2 - t1}))
+'''
+
+
+def per_call(fn, repeats: int, number: int = 2000) -> dict:
+    """Median and minimum wall time and median CPU time per call, microseconds."""
+    for _ in range(number // 10):
+        fn()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        t_wall, t_cpu = time.perf_counter(), time.thread_time()
+        for _ in range(number):
+            fn()
+        cpu.append((time.thread_time() - t_cpu) / number * 1e6)
+        wall.append((time.perf_counter() - t_wall) / number * 1e6)
+    return {"median_us": float(np.median(wall)), "min_us": float(np.min(wall)),
+            "cpu_median_us": float(np.median(cpu))}
+
+
+def tiny_batch_norm(repeats: int) -> dict:
+    import normkit
+    from numba import njit
+    from normkit.kernels import batch
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 512)).astype(np.float32)
+    dy = rng.standard_normal((2, 512)).astype(np.float32)
+    norm = normkit.make("batch", 512)
+    norm.forward(x, training=True)
+    norm.backward(dy)
+
+    def pair():
+        norm.forward(x, training=True)
+        norm.backward(dy)
+
+    # the fused kernels on the norm's own arrays, outputs preallocated
+    x3, dy3 = x.reshape(2, 512, 1), dy.reshape(2, 512, 1)
+    y3, dx3 = np.empty_like(x3), np.empty_like(x3)
+    p, s, g = norm.params, norm.state, norm.grads
+    fwd_args = (x3, p["gamma"], p["beta"], y3, norm._stats, s["running_mean"], s["running_var"],
+                s["num_batches_tracked"], norm._hyper)
+    bwd_args = (dy3, x3, p["gamma"], norm._stats, 1e-5, dx3, g["gamma"], g["beta"])
+
+    @njit(cache=False)
+    def empty9(a, b, c, d, e, f, g, h, i):
+        return 0
+
+    @njit(cache=False)
+    def empty8(a, b, c, d, e, f, g, h):
+        pass
+
+    empty9(*fwd_args)
+    empty8(*bwd_args)
+    return {
+        "Norm.forward": per_call(lambda: norm.forward(x, training=True), repeats),
+        "Norm.backward": per_call(lambda: norm.backward(dy), repeats),
+        "Norm forward + backward": per_call(pair, repeats),
+        "kernel train_forward_into": per_call(lambda: batch.train_forward_into(*fwd_args), repeats),
+        "kernel backward_into": per_call(lambda: batch.backward_into(*bwd_args), repeats),
+        "empty @njit, forward's 9 arguments": per_call(lambda: empty9(*fwd_args), repeats),
+        "empty @njit, backward's 8 arguments": per_call(lambda: empty8(*bwd_args), repeats),
+    }
+
+
+# The floor of start-up: NumPy and Numba imported, one trivial cached @njit function loaded and
+# called (Numba's own initialization on the first call, which imports scipy.linalg for its BLAS
+# check, is part of it).
+_FLOOR_MODULE = '''
+from numba import njit
+
+
+@njit(cache=True)
+def double(x, y):
+    for i in range(x.size):
+        y.flat[i] = 2 * x.flat[i]
+'''
+
+_FLOOR = '''
+import json, time
+t0 = time.perf_counter()
+import numpy as np
+import numba
+t1 = time.perf_counter()
+import floor_module
+x = np.ones((4, 8, 5, 5), np.float32)
+floor_module.double(x, np.empty_like(x))
+t2 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "first_call_s": t2 - t1}))
+'''
+
+
+def startup(runs: int, script: str = _STARTUP, env_extra: dict | None = None) -> dict:
+    """Median import and first-call seconds of ``script`` in fresh processes (one warm-up run
+    first, so the caches are filled)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
+    env = {key: value for key, value in env.items() if value is not None}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True)
+    results = []
+    for _ in range(runs):
+        done = subprocess.run([sys.executable, "-c", script], env=env, check=True,
+                              capture_output=True, text=True)
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    total = [r["import_s"] + r["first_call_s"] for r in results]
+    return {"import_s": float(np.median([r["import_s"] for r in results])),
+            "first_call_s": float(np.median([r["first_call_s"] for r in results])),
+            "total_s": float(np.median(total)), "total_min_s": float(np.min(total)),
+            "total_max_s": float(np.max(total))}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=41, help="samples per measurement")
+    parser.add_argument("--startups", type=int, default=5, help="fresh processes for start-up")
+    parser.add_argument("--no-startup", action="store_true")
+    args = parser.parse_args(argv)
+    load_before = os.getloadavg()[0]
+    print("tiny batch norm (2, 512) float32, training; microseconds per call")
+    print(f"{'':40s} {'median':>8s} {'min':>8s} {'cpu med':>8s}")
+    for name, t in tiny_batch_norm(args.repeats).items():
+        print(f"{name:40s} {t['median_us']:8.2f} {t['min_us']:8.2f} {t['cpu_median_us']:8.2f}")
+    if not args.no_startup:
+        print(f"\nstart-up, warm Numba cache, median of {args.startups} fresh processes "
+              f"(seconds: import + first call = total [min, max])")
+        bytecode = "off" if os.environ.get("PYTHONDONTWRITEBYTECODE") else "on"
+        with tempfile.TemporaryDirectory(prefix="normkit-floor-") as floor_dir:
+            Path(floor_dir, "floor_module.py").write_text(_FLOOR_MODULE)
+            runs = {
+                f"normkit, first BN forward + backward (bytecode cache {bytecode})": {},
+                "normkit, the same with Python's bytecode cache on": {"PYTHONDONTWRITEBYTECODE": None},
+                "floor: numpy + numba, one cached @njit call": {
+                    "PYTHONPATH": floor_dir, "NUMBA_CACHE_DIR": floor_dir},
+            }
+            for label, env_extra in runs.items():
+                script = _FLOOR if label.startswith("floor") else _STARTUP
+                s = startup(args.startups, script, env_extra)
+                print(f"{label:66s} {s['import_s']:.2f} + {s['first_call_s']:.2f} = "
+                      f"{s['total_s']:.2f} [{s['total_min_s']:.2f}, {s['total_max_s']:.2f}]")
+    print(f"\n1-min load average: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
+          f"({os.cpu_count()} CPUs)")
+
+
+if __name__ == "__main__":
+    main()
