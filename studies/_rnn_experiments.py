@@ -247,17 +247,18 @@ def stat_shift(model: SequenceModel, x: np.ndarray) -> dict[str, float]:
     """The input-term norm's running statistics against the statistics of its valid inputs.
 
     With m_t, v_t (4H,) the mean and unbiased variance of x_t W_x over the valid positions of
-    step t in x (N, T, 1) (NaN = padding) and rm_t, rv_t the running ones, per step
-    e_mean_t = sqrt(mean_f (rm_t - m_t)^2 / mean_f v_t) (a mean error in standard deviations)
-    and e_var_t = mean_f |rv_t - v_t| / mean_f v_t (a relative variance error); averaging over
-    the features before dividing keeps near-constant features (pixels that are always 0) from
-    dominating. ``shift_mean``, ``shift_var``: their root mean square over the steps with 2+
-    valid rows."""
+    step t in x (N, T, 1) (NaN = padding), rm_t, rv_t the running ones and V (4H,) the
+    variance over all valid positions of all steps, per step
+    e_mean_t = sqrt(mean_f (rm_t - m_t)^2 / mean_f V) and e_var_t = mean_f |rv_t - v_t| /
+    mean_f V: errors in units of the input term's overall spread (one scale for all steps, so
+    steps where every sequence holds the same value, v_t = 0, do not blow up).
+    ``shift_mean``, ``shift_var``: their root mean square over the steps with 2+ valid rows."""
     lstm = model.lstm
     norm = lstm.norms["x"]
     xt = np.swapaxes(x, 0, 1).astype(np.float64)                   # (T, N, 1)
     valid = ~np.isnan(xt[:, :, 0])                                  # (T, N)
     xw = np.where(np.isnan(xt), 0, xt) @ lstm.params["W_x"].astype(np.float64)   # (T, N, 4H)
+    scale = xw[valid].var(axis=0, ddof=1).mean() + norm.eps
     mean_err, var_err = [], []
     slots = norm.state["running_mean"].shape[0]
     for t in range(xt.shape[0]):
@@ -268,7 +269,6 @@ def stat_shift(model: SequenceModel, x: np.ndarray) -> dict[str, float]:
         s = min(t, slots - 1)
         rm = norm.state["running_mean"][s].astype(np.float64)
         rv = norm.state["running_var"][s].astype(np.float64)
-        scale = v.mean() + norm.eps
         mean_err.append(np.mean((rm - m) ** 2) / scale)
         var_err.append(np.mean(np.abs(rv - v)) / scale)
     return {"shift_mean": float(np.sqrt(np.mean(mean_err))),
