@@ -105,7 +105,7 @@ class LSTM:
         self.params: dict[str, np.ndarray] = {}
         self.grads: dict[str, np.ndarray] = {}
         for key, value in (("W_x", W_x), ("W_h", W_h), ("b", b)):
-            self.params[key] = np.array(value, dtype=self.dtype)
+            self.params[key] = np.array(value, dtype=self.dtype, order="C")
             self.grads[key] = np.zeros_like(self.params[key])
 
         self.norms = {}                        # site -> the registry's Norm holding its params
@@ -282,6 +282,73 @@ class LSTM:
                 self.grads["beta_h"][...] = dbeta_h
         self.dh0, self.dc0 = dh0, dc0
         return (dxw2 @ self.params["W_x"].T).reshape(T, N, D)
+
+    # -- gradient flow ------------------------------------------------------------------------
+    def hidden_gradients(self, x, d_last, *, h0=None, c0=None) -> np.ndarray:
+        """dL/dh_t for every step of a training-mode forward of x (T, N, D), for a loss that
+        depends on the sequence through the last state only, with ``d_last`` (N, H) = dL/dh_T.
+        Returns (T + 1, N, H): row 0 is dL/dh0, row t + 1 the gradient reaching the output of
+        step t (the total derivative through all later steps, batch statistics included; c_t
+        held fixed), row T is ``d_last``. No mask: every sequence runs all T steps.
+
+        In training mode the statistics of step s are those of the batch at step s, whatever
+        came before, so the steps after t are exactly a run over x[t:] from the state
+        (h_t, c_t): dL/dh_t is that run's dL/dh0. T such runs, O(T^2) steps in all. Parameters
+        and running statistics are left as they were; the saved forward is dropped (call
+        forward again before backward). ``h0`` defaults to 0, or the training noise."""
+        x = self._check_x(x)
+        T, N, D = x.shape
+        H = self.hidden_size
+        d_last = self._check_array("d_last", d_last, (N, H))
+        h0 = np.zeros((N, H), self.dtype) if h0 is None else self._check_array("h0", h0, (N, H))
+        c0 = np.zeros((N, H), self.dtype) if c0 is None else self._check_array("c0", c0, (N, H))
+        if self.norm == "recurrent_batch":
+            for site in ("x", "h", "c"):
+                self.norms[site].check_training(T, np.full(T, N), statistics_per_step=True)
+        self._check_params()
+        # -- nothing below refuses the call --
+        if self.h0_noise_std > 0 and not h0.any():
+            h0 = (self._rng.standard_normal((N, H)) * self.h0_noise_std).astype(self.dtype)
+        saved_state = {site: (getattr(site_norm, "max_steps", None),
+                              {key: value.copy() for key, value in site_norm.state.items()})
+                       for site, site_norm in self.norms.items()}
+        try:
+            xw = (x.reshape(T * N, D) @ self.params["W_x"]).reshape(T, N, 4 * H)
+            xn = self._input_norm_forward(xw, True, None)              # (T, N, 4H)
+            mask = np.ones((T, N), np.bool_)
+            h, c = self._run(xn, h0, c0, mask)[:2]                    # (T+1, N, H) each
+            dh = np.empty((T + 1, N, H), self.dtype)
+            dh[T] = d_last
+            for t in range(T):
+                saved = self._run(xn[t:], h[t], c[t], mask[t:])
+                dh[t] = self._backward_kernel(d_last, mask[t:], saved)[7]
+        finally:
+            for site, (max_steps, state) in saved_state.items():
+                site_norm = self.norms[site]
+                for key, value in state.items():
+                    if site_norm.state[key].shape == value.shape:
+                        site_norm.state[key][...] = value
+                    else:                              # grown by the input norm's forward
+                        site_norm.state[key] = value
+                if max_steps is not None:
+                    site_norm.max_steps = max_steps
+            self._saved = None
+        return dh
+
+    def _run(self, xn, h0, c0, mask):
+        """The fused forward with batch statistics from (h0, c0); no state update."""
+        return _kernels.lstm_forward(np.ascontiguousarray(xn), self.params["W_h"], self.params["b"],
+                                     np.ascontiguousarray(h0), np.ascontiguousarray(c0),
+                                     np.ascontiguousarray(mask), self._kind, True,
+                                     *self._site_arrays("h"), *self._site_arrays("c"),
+                                     self._frozen("h"), self._frozen("c"), self.eps)
+
+    def _backward_kernel(self, d_last, mask, saved):
+        N, H = d_last.shape
+        return _kernels.lstm_backward(np.zeros((0, N, H), self.dtype), d_last, self.params["W_h"],
+                                      np.ascontiguousarray(mask), self._kind, True,
+                                      self._site_arrays("h")[0], self._site_arrays("c")[0],
+                                      self.eps, *saved)
 
     def __repr__(self) -> str:
         return (f"LSTM({self.input_size}, {self.hidden_size}, norm={self.norm!r}, "
