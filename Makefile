@@ -22,8 +22,8 @@ clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
 
 # --- studies: results are files, so make redoes only what changed -------------------------------
-# results/S/runs.csv depends on studies/S.py, and S's tables on its runs.csv; `make quick` uses the
-# quick grids (results/S/quick/...). `normkit run` resumes: it skips the configs already in
+# results/S/runs.csv depends on studies/S.py and the helpers studies/_*.py, and S's tables on its
+# runs.csv; `make quick` uses the quick grids (results/S/quick/...). `normkit run` resumes: it skips the configs already in
 # runs.csv, so a killed `make quick` continues where it stopped when run again. Options:
 # JOBS=N (local worker processes), SCHEDULER=tcp://host:8786 or SCHEDULER=local (Dask).
 NORMKIT  := $(PY) -m normkit
@@ -39,9 +39,11 @@ studies: $(STAMP) $(STUDIES:%=results/%/table.md)
 
 # The study script changed: run its new configs and retry its failed ones. Exit code 1 (some runs
 # failed) is left for the table step to report, after it has written the table.
-results/%/quick/runs.csv: studies/%.py | $(STAMP)
+# A study's own script and the shared helpers (studies/_*.py) it may import.
+HELPERS  := $(wildcard studies/_*.py)
+results/%/quick/runs.csv: studies/%.py $(HELPERS) | $(STAMP)
 	$(NORMKIT) run $* --quick --rerun-failed --no-summary $(RUN_ARGS) || [ $$? -eq 1 ]
-results/%/runs.csv: studies/%.py | $(STAMP)
+results/%/runs.csv: studies/%.py $(HELPERS) | $(STAMP)
 	$(NORMKIT) run $* --rerun-failed --no-summary $(RUN_ARGS) || [ $$? -eq 1 ]
 
 # `normkit run`, not `normkit table`: it first finishes a sweep that was interrupted.
