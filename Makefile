@@ -23,8 +23,9 @@ clean:
 
 # --- studies: results are files, so make redoes only what changed -------------------------------
 # results/S/runs.csv depends on studies/S.py and the helpers studies/_*.py, and S's tables on its
-# runs.csv; `make quick` uses the quick grids (results/S/quick/...). `normkit run` resumes: it skips the configs already in
-# runs.csv, so a killed `make quick` continues where it stopped when run again. Options:
+# runs.csv; `make quick` uses the quick grids (results/S/quick/...). `normkit run` resumes: it
+# skips the configs already in runs.csv, so a killed `make quick` continues where it stopped when
+# run again. Options:
 # JOBS=N (local worker processes), SCHEDULER=tcp://host:8786 or SCHEDULER=local (Dask).
 NORMKIT  := $(PY) -m normkit
 STUDIES  := $(patsubst studies/%.py,%,$(filter-out studies/_%,$(wildcard studies/*.py)))
