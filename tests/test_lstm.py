@@ -557,13 +557,15 @@ def _run_kernels(kernels, mask, a, kind, batch_stats, fused, last_only):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_fused_step_matches_the_per_norm_steps(dtype, kind, batch_stats, last_only):
     """The fused three-pass step (the default for "none" and BN) against the per-norm steps that
-    LN uses, on every array the kernels return: to rounding in float64, to float32 rounding of
-    the largest value of each array in float32 (the fused step computes in float32 there)."""
+    LN uses, on every array the kernels return: to rounding in float64; in float32, where both
+    compute in float32 in different orders, to 1e-4 of each array's largest value (the rounding
+    differences grow through the steps of BPTT and through batch norm's backward on a step with
+    two valid rows; test_float32_agrees_with_float64 allows 1e-3 between float32 and float64)."""
     kernels, mask, a = _kernel_inputs(dtype)
     kind = {"none": kernels.NORM_NONE, "recurrent_batch": kernels.NORM_BATCH}[kind]
     per_norm = _run_kernels(kernels, mask, a, kind, batch_stats, False, last_only)
     fused = _run_kernels(kernels, mask, a, kind, batch_stats, True, last_only)
-    tol = 1e-12 if dtype == np.float64 else 2e-5
+    tol = 1e-12 if dtype == np.float64 else 1e-4
     for key, expected in per_norm.items():
         scale = max(np.abs(expected).max(initial=0.0), 1.0)
         np.testing.assert_allclose(fused[key], expected, rtol=0, atol=tol * scale, err_msg=key)

@@ -634,10 +634,11 @@ def _frozen_statistics(t, frozen_mean, frozen_var, mean, var):
 
 
 @jit(reduction=True)
-def _fused_gates_step(t, r_t, xn_t, b, mask, center_h, scale_h, shift_h, c, gates, moments_c,
-                      shift, sum_d, sum_d2, fast):
-    """Pass B: gates[t] (N, 4H), c[t+1] (N, H) (padded rows: gates 0, c carried); with
-    ``moments_c`` also the shifted sums of c[t+1]'s valid rows. Returns their count."""
+def _fused_gates_step(t, r_t, xn_t, mask, center_h, scale_h, shift_h, c, gates, moments_c, shift,
+                      sum_d, sum_d2, fast):
+    """Pass B: a = (r_t - center_h) * scale_h + shift_h + xn_t (shift_h holding the bias b too);
+    gates[t] (N, 4H), c[t+1] (N, H) (padded rows: gates 0, c carried); with ``moments_c`` also
+    the shifted sums of c[t+1]'s valid rows. Returns their count."""
     N, G = r_t.shape
     H = G // 4
     count = 0
@@ -651,11 +652,10 @@ def _fused_gates_step(t, r_t, xn_t, b, mask, center_h, scale_h, shift_h, c, gate
         r_row = r_t[n]
         x_row = xn_t[n]
         for k in range(3 * H):                 # f, i, o
-            g_row[k] = _sigmoid((r_row[k] - center_h[k]) * scale_h[k] + shift_h[k] + x_row[k]
-                                + b[k], fast)
+            g_row[k] = _sigmoid((r_row[k] - center_h[k]) * scale_h[k] + shift_h[k] + x_row[k],
+                                fast)
         for k in range(3 * H, G):              # g
-            g_row[k] = _tanh((r_row[k] - center_h[k]) * scale_h[k] + shift_h[k] + x_row[k] + b[k],
-                             fast)
+            g_row[k] = _tanh((r_row[k] - center_h[k]) * scale_h[k] + shift_h[k] + x_row[k], fast)
         c_prev = c[t, n]
         for j in range(H):
             c_new[j] = g_row[j] * c_prev[j] + g_row[H + j] * g_row[3 * H + j]
@@ -718,8 +718,18 @@ def _lstm_forward_fused(xn, W_h, b, mask, kind, batch_stats, gamma_h, gamma_c, b
         else:
             _step_constants(kind, no_stats, no_stats, gamma_h, beta_h, eps, center_h, scale_h,
                             shift_h)
-        count = _fused_gates_step(t, r[t], xn[t], b, mask, center_h, scale_h, shift_h, c, gates,
-                                  batch and batch_stats, shift[:H], sum_d[:H], sum_d2[:H], fast)
+        for k in range(G):
+            shift_h[k] += b[k]                 # a = (r - center) * scale + (shift + b) + xn
+        # (``fast`` as a literal: each pass is compiled without the other branch of the
+        # activations, which LLVM otherwise keeps in the loop, unvectorized: 2x slower)
+        if fast:
+            count = _fused_gates_step(t, r[t], xn[t], mask, center_h, scale_h, shift_h, c,
+                                      gates, batch and batch_stats, shift[:H], sum_d[:H],
+                                      sum_d2[:H], True)
+        else:
+            count = _fused_gates_step(t, r[t], xn[t], mask, center_h, scale_h, shift_h, c,
+                                      gates, batch and batch_stats, shift[:H], sum_d[:H],
+                                      sum_d2[:H], False)
         if batch:
             if batch_stats:
                 _moments_end(count, shift[:H], sum_d[:H], sum_d2[:H], mean_c[t], var_c[t])
@@ -730,7 +740,10 @@ def _lstm_forward_fused(xn, W_h, b, mask, kind, batch_stats, gamma_h, gamma_c, b
         else:
             _step_constants(kind, no_stats, no_stats, gamma_c, beta_h, eps, center_c, scale_c,
                             shift_c)
-        _fused_output_step(t, c, mask, center_c, scale_c, shift_c, gates, h, tanh_cn, fast)
+        if fast:
+            _fused_output_step(t, c, mask, center_c, scale_c, shift_c, gates, h, tanh_cn, True)
+        else:
+            _fused_output_step(t, c, mask, center_c, scale_c, shift_c, gates, h, tanh_cn, False)
 
 
 @jit()
