@@ -59,3 +59,4 @@ results/%/table.md: results/%/runs.csv
 bench: $(STAMP)
 	@if [ -f benchmarks/kernels.py ]; then $(NORMKIT) bench; \
 	else echo "no benchmark yet (benchmarks/kernels.py)"; fi
+	@if [ -f benchmarks/rnn.py ]; then $(NORMKIT) bench --script benchmarks/rnn.py; fi

@@ -6,7 +6,13 @@ PyTorch (an LSTMCell-style loop with per-step batch norm, and torch.nn.LSTM for 
 
 Prints a markdown table (median and interquartile range over the repeats, in ms) and writes
 results/bench/rnn.csv with the columns case, impl, direction, median_us, iqr_us. numba, its BLAS
-(OpenBLAS) and PyTorch all run with --threads threads.
+(OpenBLAS) and PyTorch all run with --threads threads. The implementations take turns within
+each repeat (normkit, torch, normkit, torch, ...), so that a machine whose load changes during
+the run slows them alike and their ratio stays fair.
+
+The row "GEMMs only" times the three matrix products any BN-LSTM training step needs (h_{t-1} W_h
+forward, dr_t W_h^T backward per step, and dW_h = sum_t h_{t-1}^T dr_t) with numpy's BLAS and
+nothing else: a floor for normkit, and torch / (GEMMs only) bounds the speed-up over torch.
 """
 from __future__ import annotations
 
@@ -93,37 +99,44 @@ class TorchLSTM(torch.nn.Module):
 
 # -- timing -----------------------------------------------------------------------------------
 
-def time_normkit(lstm, x, d_out, repeats):
-    lstm.forward(x, True)                        # warm-up (and compile, if the cache is cold)
+def normkit_step(lstm, x, d_out):
+    """One forward + backward of a normkit LSTM: (forward seconds, backward seconds)."""
+    t0 = time.perf_counter()
+    lstm.forward(x, True)
+    t1 = time.perf_counter()
     lstm.backward(d_out)
-    fwd, bwd = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        lstm.forward(x, True)
-        t1 = time.perf_counter()
-        lstm.backward(d_out)
-        t2 = time.perf_counter()
-        fwd.append(t1 - t0)
-        bwd.append(t2 - t1)
-    return fwd, bwd
+    return t1 - t0, time.perf_counter() - t1
 
 
-def time_torch(model, x, d_out, repeats):
-    x = torch.from_numpy(x)
-    d_out = torch.from_numpy(d_out)
+def torch_step(model, x, d_out):
+    """One forward + backward of a torch module (x, d_out tensors): (forward s, backward s)."""
     model.zero_grad()
-    model(x).backward(d_out)                     # warm-up
-    fwd, bwd = [], []
-    for _ in range(repeats):
-        model.zero_grad()
+    t0 = time.perf_counter()
+    out = model(x)
+    t1 = time.perf_counter()
+    out.backward(d_out)
+    return t1 - t0, time.perf_counter() - t1
+
+
+def gemm_step(T, N, H, rng):
+    """The BN-LSTM's matrix products alone (see the module docstring), as a closure."""
+    h = rng.standard_normal((T + 1, N, H)).astype(np.float32)       # h_{t-1} of every step
+    W_h = rng.standard_normal((H, 4 * H)).astype(np.float32)
+    W_hT = np.ascontiguousarray(W_h.T)
+    dr = rng.standard_normal((T, N, 4 * H)).astype(np.float32)
+    r = np.empty((N, 4 * H), np.float32)
+    dh = np.empty((N, H), np.float32)
+
+    def step():
         t0 = time.perf_counter()
-        out = model(x)
+        for t in range(T):
+            np.dot(h[t], W_h, r)
         t1 = time.perf_counter()
-        out.backward(d_out)
-        t2 = time.perf_counter()
-        fwd.append(t1 - t0)
-        bwd.append(t2 - t1)
-    return fwd, bwd
+        for t in range(T - 1, -1, -1):
+            np.dot(dr[t], W_hT, dh)
+        np.dot(h[:T].reshape(T * N, H).T, dr.reshape(T * N, 4 * H))
+        return t1 - t0, time.perf_counter() - t1
+    return step
 
 
 def summarize(samples):
@@ -136,7 +149,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=784, help="sequence length T")
     parser.add_argument("--hidden", type=int, default=100)
     parser.add_argument("--batch", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median of them)")
     parser.add_argument("--threads", type=int, default=THREADS,
                         help="threads for numba, its BLAS and torch (default: all cores)")
     parser.add_argument("--out", type=Path, default=Path("results/bench/rnn.csv"))
@@ -148,21 +161,29 @@ def main(argv=None):
     x = rng.standard_normal((T, N, D)).astype(np.float32)
     d_out = rng.standard_normal((N, H)).astype(np.float32)
 
-    runs = [
-        ("BN-LSTM", "normkit", lambda: time_normkit(
-            LSTM(D, H, norm="recurrent_batch", max_steps=T, return_sequences=False), x, d_out,
-            args.repeats)),
-        ("BN-LSTM", "torch loop", lambda: time_torch(TorchBNLSTM(D, H, T), x, d_out, args.repeats)),
-        ("LSTM", "normkit", lambda: time_normkit(LSTM(D, H, return_sequences=False), x, d_out,
-                                                 args.repeats)),
-        ("LSTM", "torch.nn.LSTM", lambda: time_torch(TorchLSTM(D, H), x, d_out, args.repeats)),
-    ]
+    xt, dt = torch.from_numpy(x), torch.from_numpy(d_out)
+    bn = LSTM(D, H, norm="recurrent_batch", max_steps=T, return_sequences=False)
+    plain = LSTM(D, H, return_sequences=False)
+    torch_bn, torch_plain = TorchBNLSTM(D, H, T), TorchLSTM(D, H)
+    runs = {
+        ("BN-LSTM", "normkit"): lambda: normkit_step(bn, x, d_out),
+        ("BN-LSTM", "torch loop"): lambda: torch_step(torch_bn, xt, dt),
+        ("BN-LSTM", "GEMMs only"): gemm_step(T, N, H, rng),
+        ("LSTM", "normkit"): lambda: normkit_step(plain, x, d_out),
+        ("LSTM", "torch.nn.LSTM"): lambda: torch_step(torch_plain, xt, dt),
+    }
+    samples = {key: [] for key in runs}
+    for repeat in range(args.repeats + 1):        # repeat 0: warm-up (and compile if cold)
+        for key, run in runs.items():
+            fwd, bwd = run()
+            if repeat > 0:
+                samples[key].append((fwd, bwd))
     rows = []
-    for case, impl, run in runs:
-        fwd, bwd = run()
-        total = [f + b for f, b in zip(fwd, bwd)]
-        for direction, samples in (("forward", fwd), ("backward", bwd), ("forward+backward", total)):
-            median, iqr = summarize(samples)
+    for (case, impl), pairs in samples.items():
+        fwd, bwd = zip(*pairs)
+        total = [f + b for f, b in pairs]
+        for direction, values in (("forward", fwd), ("backward", bwd), ("forward+backward", total)):
+            median, iqr = summarize(values)
             rows.append(dict(case=case, impl=impl, direction=direction, median_us=median, iqr_us=iqr))
     table = pd.DataFrame(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -170,7 +191,7 @@ def main(argv=None):
 
     print(f"T={T}, H={H}, N={N}, float32, {threads} threads (numba and torch), "
           f"{args.repeats} repeats\n")
-    print("| case | impl | direction | median (ms) | IQR (ms) | torch / normkit |")
+    print("| case | impl | direction | median (ms) | IQR (ms) | impl / normkit |")
     print("|---|---|---|---|---|---|")
     for row in rows:
         ours = table[(table.case == row["case"]) & (table.impl == "normkit")
@@ -178,6 +199,15 @@ def main(argv=None):
         ratio = row["median_us"] / ours
         print(f"| {row['case']} | {row['impl']} | {row['direction']} | {row['median_us'] / 1e3:.1f} "
               f"| {row['iqr_us'] / 1e3:.1f} | {ratio:.2f} |")
+    paired = {key: [sum(pair) for pair in pairs] for key, pairs in samples.items()}
+
+    def per_repeat_ratio(case, impl, reference="normkit"):
+        return np.median(np.divide(paired[(case, impl)], paired[(case, reference)]))
+    print(f"\nforward+backward, median of the per-repeat ratios: BN-LSTM torch loop / normkit "
+          f"{per_repeat_ratio('BN-LSTM', 'torch loop'):.2f}, LSTM torch.nn.LSTM / normkit "
+          f"{per_repeat_ratio('LSTM', 'torch.nn.LSTM'):.2f}; bound on torch loop / normkit "
+          f"from the matrix products alone: "
+          f"{per_repeat_ratio('BN-LSTM', 'torch loop', 'GEMMs only'):.2f}")
 
 
 if __name__ == "__main__":
