@@ -20,6 +20,8 @@ from normkit.sweep import aggregate, format_mean_std, markdown_table
 from _claims_experiments import (CURVE_EPOCHS, LANDSCAPE_STEPS, MNIST1D_SAMPLES,
                                  SATURATION_EPOCHS, TARGET_ERROR)
 from _claims_measure import SATURATION_DERIVATIVE
+from _verdicts import clearly_lower as _clearly_lower
+from _verdicts import difference as _difference
 
 if TYPE_CHECKING:                      # matplotlib is imported by the figures hook only
     from matplotlib.figure import Figure
@@ -73,22 +75,6 @@ def _verdict(results: list[bool]) -> str:
     if results and all(results):
         return HOLDS
     return MIXED if any(results) else FAILS
-
-
-def _difference(lower: pd.Series, higher: pd.Series) -> tuple[float, float]:
-    """mean(higher) - mean(lower) and the standard error of that difference (Welch; a side
-    with one value contributes no variance)."""
-    lower, higher = lower.dropna(), higher.dropna()
-    if lower.empty or higher.empty:
-        return math.nan, math.nan
-    variance = sum(v.var(ddof=1) / len(v) for v in (lower, higher) if len(v) > 1)
-    return float(higher.mean() - lower.mean()), math.sqrt(variance)
-
-
-def _clearly_lower(lower: pd.Series, higher: pd.Series) -> bool:
-    """mean(lower) < mean(higher) by more than two standard errors of the difference."""
-    difference, error = _difference(lower, higher)
-    return bool(difference > 2 * error)
 
 
 def _diff_text(lower: pd.Series, higher: pd.Series, scale: float = 100, digits: int = 1) -> str:

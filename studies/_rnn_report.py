@@ -16,6 +16,9 @@ import pandas as pd
 
 from normkit.sweep import format_mean_std, markdown_table
 
+from _verdicts import clearly_lower as _clearly_lower
+from _verdicts import difference as _difference
+
 HOLDS, FAILS, MIXED = "reproduces", "does not reproduce", "mixed"
 TASK_NAMES = {"sequential": "sequential digits (64 steps)", "permuted": "permuted digits (64 steps)",
               "mnist1d": "MNIST-1D (40 steps)"}
@@ -89,19 +92,6 @@ def _values(frame: pd.DataFrame, column: str, **where) -> pd.Series:
     for key, value in where.items():
         part = part[part[key] == value]
     return part[column].dropna().astype(float)
-
-
-def _difference(lower: pd.Series, higher: pd.Series) -> tuple[float, float]:
-    """mean(higher) - mean(lower) and its standard error (Welch; one value adds no variance)."""
-    if lower.empty or higher.empty:
-        return math.nan, math.nan
-    variance = sum(v.var(ddof=1) / len(v) for v in (lower, higher) if len(v) > 1)
-    return float(higher.mean() - lower.mean()), math.sqrt(variance)
-
-
-def _clearly_lower(lower: pd.Series, higher: pd.Series) -> bool:
-    difference, error = _difference(lower, higher)
-    return bool(difference > 2 * error)
 
 
 def _diff_text(lower: pd.Series, higher: pd.Series, scale: float = 100, digits: int = 1,
