@@ -8,9 +8,8 @@ Every case is timed in one process, all implementations interleaved (see ``_timi
 compilation happens before timing and is reported separately (the JIT story: a fresh process
 with an empty cache, then a second process with the cache filled). Implementations:
 
-    normkit        normkit.make(...).forward / .backward (checks, state; the last output array
-                   reused when the caller dropped it, as the benchmark loop does)
-    normkit-reuse  the same with reuse_buffers=True (the output arrays are reused)
+    normkit        normkit.make(...).forward / .backward (checks, state; a fresh output per call)
+    normkit-out    the same writing into an ``out=`` array the caller keeps
     kernel         the functional kernel with an ``out=`` array (no checks, no allocation)
     numpy          normkit.reference (plain NumPy; timed right after the others, on its own,
                    since one call takes up to a second)
@@ -87,9 +86,8 @@ def _features(case: Case):
 # The implementations of one case, as zero-argument functions per direction
 # ---------------------------------------------------------------------------------------------
 
-def _normkit(case, x, dy, reuse):
-    norm = normkit.make(case.norm, _features(case), dtype=case.dtype, reuse_buffers=reuse,
-                        **dict(case.kwargs))
+def _normkit(case, x, dy, out):
+    norm = normkit.make(case.norm, _features(case), dtype=case.dtype, **dict(case.kwargs))
     rng = np.random.default_rng(3)
     for value in norm.params.values():
         value[...] = rng.uniform(0.5, 1.5, value.shape)
@@ -97,8 +95,9 @@ def _normkit(case, x, dy, reuse):
         norm.forward(x, training=True)         # non-trivial running statistics
     norm.forward(x, training=case.training)
     norm.backward(dy)
-    return {"fwd": lambda: norm.forward(x, training=case.training),
-            "bwd": lambda: norm.backward(dy)}, norm
+    y, dx = (np.empty_like(x), np.empty_like(x)) if out else (None, None)
+    return {"fwd": lambda: norm.forward(x, training=case.training, out=y),
+            "bwd": lambda: norm.backward(dy, out=dx)}, norm
 
 
 def _kernel(case, x, dy, norm):
@@ -185,8 +184,8 @@ def run_case(case, torch, args):
     dy = rng.standard_normal(case.shape).astype(case.dtype)
     impls = {}
     t0 = time.perf_counter()
-    impls["normkit"], norm = _normkit(case, x, dy, reuse=False)
-    impls["normkit-reuse"], _ = _normkit(case, x, dy, reuse=True)
+    impls["normkit"], norm = _normkit(case, x, dy, out=False)
+    impls["normkit-out"], _ = _normkit(case, x, dy, out=True)
     impls["kernel"] = _kernel(case, x, dy, norm)
     first_call = time.perf_counter() - t0
     if not args.no_numpy:
@@ -220,7 +219,7 @@ def _ratios(df: pd.DataFrame) -> pd.DataFrame:
 
 def markdown_table(df: pd.DataFrame) -> str:
     """One row per case and direction: medians (IQR), x floor, and speed-up over PyTorch."""
-    lines = ["| case | dir | floor µs | normkit µs | ×floor | vs torch | reuse µs | kernel µs | "
+    lines = ["| case | dir | floor µs | normkit µs | ×floor | vs torch | out= µs | kernel µs | "
              "×floor | vs torch | torch µs | ×floor | numpy µs |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (label, direction), g in df.groupby(["label", "direction"], sort=False):
@@ -238,7 +237,7 @@ def markdown_table(df: pd.DataFrame) -> str:
         lines.append(" | ".join([
             f"| {label}", direction, f"{r.floor_us.iloc[0]:,.0f}",
             us("normkit"), ratio("normkit", "x_floor"), ratio("normkit", "torch_over_this", "{:.2f}×"),
-            us("normkit-reuse"), us("kernel"), ratio("kernel", "x_floor"),
+            us("normkit-out"), us("kernel"), ratio("kernel", "x_floor"),
             ratio("kernel", "torch_over_this", "{:.2f}×"), us("torch"), ratio("torch", "x_floor"),
             us("numpy")]) + " |")
     return "\n".join(lines)

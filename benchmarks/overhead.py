@@ -1,10 +1,15 @@
-"""Per-call overhead and start-up of normkit (issues 5 and 7), one thread, many repeats.
+"""Per-call overhead, start-up and cold compile time of normkit, many repeats.
 
     PYTHONPATH=. NUMBA_NUM_THREADS=1 python benchmarks/overhead.py [--repeats 41] [--startups 5]
 
 - tiny batch norm, (2, 512) float32, through the public ``Norm``: ``forward(x, training=True)``,
-  ``backward(dy)`` and the pair, per call; next to the floor of the same work: the fused kernels
-  called directly, and an empty ``@njit`` function taking the same arguments (Numba's dispatch);
+  ``backward(dy)`` and the pair, per call; next to PyTorch's ``F.batch_norm`` forward + autograd
+  backward on the same arrays (when installed), the engine's two calls alone, and an empty
+  ``@njit`` function taking the same arguments (Numba's dispatch);
+- cold compile: CPU seconds (user + system, all threads) of a fresh process with an empty
+  ``NUMBA_CACHE_DIR`` for the first ``make("batch", 64)`` forward + backward (float32, NCHW),
+  and for importing normkit and running forward + backward of every registered norm once in
+  float32 and float64;
 - start-up: ``import normkit`` and the first batch-norm forward + backward in fresh processes
   using this checkout's Numba cache (warm: run once first), median of ``--startups``; with
   Python's bytecode cache as the environment has it and switched on (PYTHONDONTWRITEBYTECODE=1
@@ -63,7 +68,7 @@ def per_call(fn, repeats: int, number: int = 2000) -> dict:
 def tiny_batch_norm(repeats: int) -> dict:
     import normkit
     from numba import njit
-    from normkit.kernels import batch
+    from normkit.kernels import _engine
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 512)).astype(np.float32)
@@ -76,33 +81,90 @@ def tiny_batch_norm(repeats: int) -> dict:
         norm.forward(x, training=True)
         norm.backward(dy)
 
-    # the fused kernels on the norm's own arrays, outputs preallocated
-    x3, dy3 = x.reshape(2, 512, 1), dy.reshape(2, 512, 1)
-    y3, dx3 = np.empty_like(x3), np.empty_like(x3)
-    p, s, g = norm.params, norm.state, norm.grads
-    fwd_args = (x3, p["gamma"], p["beta"], y3, norm._stats, s["running_mean"], s["running_var"],
-                s["num_batches_tracked"], norm._hyper)
-    bwd_args = (dy3, x3, p["gamma"], norm._stats, 1e-5, dx3, g["gamma"], g["beta"])
+    # the engine alone on the norm's own arrays, outputs and statistics preallocated
+    x4, dy4 = x.reshape(2, 512, 1, 1), dy.reshape(2, 512, 1, 1)
+    y4, dx4 = np.empty_like(x4), np.empty_like(x4)
+    gamma2, beta2 = norm.params["gamma"].reshape(512, 1), norm.params["beta"].reshape(512, 1)
+    mean, var, count = np.empty((1, 512)), np.empty((1, 512)), np.empty(1)
+    dgamma, dbeta = np.empty((512, 1)), np.empty((512, 1))
+    fwd_args = (x4, 2, gamma2, beta2, 1e-5, True, _engine.NO_MASK, False, y4, mean, var, count,
+                _engine.STATS_AND_APPLY)
+    bwd_args = (dy4, x4, 2, gamma2, mean, var, count, 1e-5, True, False, _engine.NO_MASK, False,
+                dx4, dgamma, dbeta)
 
     @njit(cache=False)
-    def empty9(a, b, c, d, e, f, g, h, i):
+    def empty13(a, b, c, d, e, f, g, h, i, j, k, l, m):
         return 0
 
     @njit(cache=False)
-    def empty8(a, b, c, d, e, f, g, h):
+    def empty15(a, b, c, d, e, f, g, h, i, j, k, l, m, n, o):
         pass
 
-    empty9(*fwd_args)
-    empty8(*bwd_args)
-    return {
+    empty13(*fwd_args)
+    empty15(*bwd_args)
+    rows = {
         "Norm.forward": per_call(lambda: norm.forward(x, training=True), repeats),
         "Norm.backward": per_call(lambda: norm.backward(dy), repeats),
         "Norm forward + backward": per_call(pair, repeats),
-        "kernel train_forward_into": per_call(lambda: batch.train_forward_into(*fwd_args), repeats),
-        "kernel backward_into": per_call(lambda: batch.backward_into(*bwd_args), repeats),
-        "empty @njit, forward's 9 arguments": per_call(lambda: empty9(*fwd_args), repeats),
-        "empty @njit, backward's 8 arguments": per_call(lambda: empty8(*bwd_args), repeats),
+        "engine forward": per_call(lambda: _engine.forward(*fwd_args), repeats),
+        "engine backward": per_call(lambda: _engine.backward(*bwd_args), repeats),
+        "empty @njit, forward's 13 arguments": per_call(lambda: empty13(*fwd_args), repeats),
+        "empty @njit, backward's 15 arguments": per_call(lambda: empty15(*bwd_args), repeats),
     }
+    try:
+        import torch
+    except ImportError:
+        return rows
+    torch.set_num_threads(1)
+    xt = torch.tensor(x, requires_grad=True)
+    gt = torch.ones(512, requires_grad=True)
+    bt = torch.zeros(512, requires_grad=True)
+    rm, rv, dyt = torch.zeros(512), torch.ones(512), torch.tensor(dy)
+
+    def torch_pair():
+        y = torch.nn.functional.batch_norm(xt, rm, rv, gt, bt, True, 0.1, 1e-5)
+        torch.autograd.grad(y, (xt, gt, bt), dyt)
+
+    rows["torch forward + backward"] = per_call(torch_pair, repeats, number=500)
+    return rows
+
+
+_COLD_BATCH = '''
+import resource, json
+import numpy as np
+import normkit
+x = np.random.default_rng(0).standard_normal((8, 64, 7, 7)).astype(np.float32)
+norm = normkit.make("batch", 64)
+norm.backward(norm.forward(x, training=True))
+r = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"cpu_s": r.ru_utime + r.ru_stime}))
+'''
+
+_COLD_ALL = '''
+import resource, json
+import numpy as np
+import normkit
+options = {"ghost": {"virtual_batch_size": 2}, "group": {"num_groups": 2},
+           "recurrent_batch": {"max_steps": 4}}
+for dtype in (np.float32, np.float64):
+    for name in normkit.available():
+        shape = (4, 3, 4) if name == "recurrent_batch" else (4, 4, 3)
+        x = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+        features = shape[-1] if name in ("layer", "rms", "recurrent_batch") else shape[1]
+        norm = normkit.make(name, features, dtype=dtype, **options.get(name, {}))
+        norm.backward(norm.forward(x, training=True))
+r = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"cpu_s": r.ru_utime + r.ru_stime, "norms": len(normkit.available())}))
+'''
+
+
+def cold_compile(script: str) -> dict:
+    """CPU seconds of ``script`` in a fresh process with an empty Numba cache."""
+    with tempfile.TemporaryDirectory(prefix="normkit-cold-") as cache:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "NUMBA_CACHE_DIR": cache}
+        done = subprocess.run([sys.executable, "-c", script], env=env, check=True,
+                              capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # The floor of start-up: NumPy and Numba imported, one trivial cached @njit function loaded and
@@ -155,12 +217,28 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=41, help="samples per measurement")
     parser.add_argument("--startups", type=int, default=5, help="fresh processes for start-up")
     parser.add_argument("--no-startup", action="store_true")
+    parser.add_argument("--no-cold", action="store_true", help="skip the cold-compile runs")
+    parser.add_argument("--cold-only", action="store_true", help="only the cold-compile runs")
     args = parser.parse_args(argv)
     load_before = os.getloadavg()[0]
+    if not args.no_cold:
+        print("cold compile, fresh process, empty NUMBA_CACHE_DIR (CPU seconds, all threads)")
+        first = cold_compile(_COLD_BATCH)
+        label = 'first make("batch", 64) forward + backward, float32 NCHW'
+        print(f"{label:66s} {first['cpu_s']:6.1f}")
+        every = cold_compile(_COLD_ALL)
+        label = f"import + forward/backward of all {every['norms']} norms, f32 and f64"
+        print(f"{label:66s} {every['cpu_s']:6.1f}\n")
+        if args.cold_only:
+            return
     print("tiny batch norm (2, 512) float32, training; microseconds per call")
     print(f"{'':40s} {'median':>8s} {'min':>8s} {'cpu med':>8s}")
-    for name, t in tiny_batch_norm(args.repeats).items():
+    tiny = tiny_batch_norm(args.repeats)
+    for name, t in tiny.items():
         print(f"{name:40s} {t['median_us']:8.2f} {t['min_us']:8.2f} {t['cpu_median_us']:8.2f}")
+    if "torch forward + backward" in tiny:
+        ratio = tiny["torch forward + backward"]["median_us"] / tiny["Norm forward + backward"]["median_us"]
+        print(f"{'PyTorch / normkit, forward + backward':40s} {ratio:8.1f}x")
     if not args.no_startup:
         print(f"\nstart-up, warm Numba cache, median of {args.startups} fresh processes "
               f"(seconds: import + first call = total [min, max])")

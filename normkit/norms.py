@@ -9,38 +9,35 @@
 never changes it (layer/group/instance/RMS norm compute the same in both modes). Every call is
 checked before any kernel runs; a refused call raises ``ValueError``/``TypeError`` naming the
 argument and changes nothing (running statistics, ``num_batches_tracked``, the saved input).
-Arrays in ``params``/``grads``/``state`` are never replaced, only written into, so an optimizer
-may hold them and update ``params`` in place. ``forward`` keeps a reference to ``x`` for
-``backward``: do not modify ``x`` in place between the two.
+Arrays in ``params``/``grads``/``state`` are written into, never replaced by the norm, so an
+optimizer may hold them; an array replaced from outside must keep its shape and dtype (checked
+before every call). ``forward`` keeps a reference to ``x`` for ``backward``: do not modify ``x``
+in place between the two.
 
-Outputs and allocation: a fresh output array per call costs page faults for outputs of 32 MiB
-and more (glibc's mmap threshold), more than the kernel. So each norm keeps the output arrays of
-its last ``forward`` and ``backward``. By default (``reuse_buffers=False``) a kept array is
-written again only when nothing outside the norm references it any more (its reference count:
-a view, a memoryview or a caller's variable all hold one), so an array a caller still holds is
-never overwritten; otherwise the call allocates a fresh one and keeps that. With
-``reuse_buffers=True`` the kept arrays are always reused: use y before the next forward and dx
-before the next backward (copy them to keep them). Either way, a call whose input lives in the
-buffer it would write (the caller passed back an earlier output) gets a fresh array.
+Memory contract: ``forward`` and ``backward`` return fresh arrays, unless the caller passes
+``out=``: a C-contiguous array of the result's shape and dtype that overlaps no input, written
+into and returned.
 
-Batch norm in training mode runs a fast path: the checks depend only on the input's shape,
-strides, dtype and the mode, so after one fully checked call a call with the same signature
-skips them and runs one fused kernel (statistics, output, running-statistics update, parameter
-finiteness check); backward likewise. Anything else goes through the checked path.
+Options of the batch-statistics norms (batch, ghost, renorm; recurrent_batch has its own layout):
+
+- ``mask=``: a bool array of x's shape without the channel axis (for (N, C, L): (N, L)); False
+  marks a padded position, which enters no statistic and gets output 0 and gradient 0. Only
+  bool is accepted (a 0/1 float mask is refused with a message, not guessed at).
+- ``axis=``: the channel axis, 1 by default (PyTorch); ``axis=-1`` is channels-last (Keras). The
+  statistics are computed on the array as it lies in memory, without transposing it. Group and
+  instance norm take ``axis`` too.
+
+Every norm computes on a view of its input through one statistics engine
+(:mod:`normkit.kernels._engine`); a norm names the view.
 """
 from __future__ import annotations
 
 import math
-import sys
 from numbers import Integral, Real
 
 import numpy as np
 
-from .kernels import _core
-from .kernels import batch as _batch
-from .kernels import group as _group
-from .kernels import layer as _layer
-from .kernels import renorm as _renorm
+from .kernels import _engine
 
 __all__ = [
     "Norm", "BatchNorm", "GhostBatchNorm", "BatchRenorm", "LayerNorm", "GroupNorm",
@@ -115,6 +112,44 @@ def _check_bool(name: str, value) -> bool:
     return bool(value)
 
 
+def _check_axis(axis) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, Integral) or axis == 0:
+        raise ValueError(f"axis (the channel axis) must be a nonzero integer such as 1 or -1, "
+                         f"got {axis!r}")
+    return int(axis)
+
+
+def check_mask(mask, shape: tuple, what: str) -> np.ndarray:
+    """``mask`` as a C-contiguous bool array of ``shape`` (x's shape without the channel axis),
+    or a clear error; ``what`` names that shape for the message."""
+    if not isinstance(mask, np.ndarray):
+        raise TypeError(f"mask must be a numpy bool array of shape {what} = {shape}, got "
+                        f"{type(mask).__name__}")
+    if mask.dtype != np.bool_:
+        raise TypeError(f"mask must be a bool array (True where a position holds data), got dtype "
+                        f"{mask.dtype}; convert a 0/1 mask with mask.astype(bool)")
+    if mask.shape != shape:
+        raise ValueError(f"mask must have shape {what} = {shape} to match x, got {mask.shape}")
+    return np.ascontiguousarray(mask)
+
+
+def check_out(out, shape: tuple, dtype: np.dtype, *inputs: np.ndarray) -> np.ndarray:
+    """``out`` if it can take a result of ``shape`` and ``dtype``, else a clear error; None: a
+    fresh array."""
+    if out is None:
+        return np.empty(shape, dtype)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
+    if out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous \
+            or not out.flags.writeable:
+        raise ValueError(f"out must be a writeable C-contiguous {dtype} array of shape {shape}, "
+                         f"got {out.dtype} {out.shape} (C-contiguous: {out.flags.c_contiguous}, "
+                         f"writeable: {out.flags.writeable})")
+    if any(np.may_share_memory(out, a) for a in inputs):
+        raise ValueError("out must not overlap an input of the call")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # The interface
 # ---------------------------------------------------------------------------------------------
@@ -122,81 +157,64 @@ def _check_bool(name: str, value) -> bool:
 class Norm:
     """Base class: ``forward(x, training)``, ``backward(dy)``, ``params``, ``grads``, ``state``.
 
-    Subclasses implement ``_check(x, training)`` (raise on bad input), ``_canonical(x)`` (the
-    view the kernels take), ``_forward(x, training)`` returning ``(y, saved, new_state)`` and
-    ``_backward(dy, x, training, saved)`` returning ``(dx, grads)``, all on canonical views.
-    ``new_state`` (a dict of arrays, may be empty) is written into ``state`` only after the
-    kernel succeeded, so a refused or failed call leaves the state as it was.
+    Subclasses implement ``_check(x, training)`` (raise on bad input), ``_forward(x, training,
+    mask, out)`` returning ``(y, saved, commit)`` and ``_backward(dy, saved, out)`` returning
+    ``(dx, grads)``. ``commit`` (a callable or None) writes the new state; it runs only after
+    the kernel succeeded, so a refused or failed call leaves the state as it was.
     """
 
     name = "norm"
+    #: Whether ``forward`` takes ``mask=`` (the batch-statistics norms).
+    takes_mask = False
 
-    def __init__(self, dtype=np.float32, reuse_buffers=False):
+    def __init__(self, dtype=np.float32):
         self.dtype = _check_dtype(dtype)
-        self.reuse_buffers = _check_bool("reuse_buffers", reuse_buffers)
         self.params: dict[str, np.ndarray] = {}
         self.grads: dict[str, np.ndarray] = {}
         self.state: dict[str, np.ndarray] = {}
         self._saved = None                     # what backward needs, from the last forward
-        self._buffers: dict[str, np.ndarray] = {}   # the last outputs, reused when free
-        self._free_refcount = 0                # sys.getrefcount of a kept array nobody else holds
+        self._known: tuple = ()                # ids of params/state arrays last checked
 
     def _add_param(self, key: str, value: np.ndarray) -> None:
         self.params[key] = np.array(value, dtype=self.dtype)
         self.grads[key] = np.zeros_like(self.params[key])
 
     # -- public ------------------------------------------------------------------------------
-    def forward(self, x: np.ndarray, training: bool) -> np.ndarray:
-        """Normalize ``x``; in training mode update ``state``. Returns an array of x's dtype."""
+    def forward(self, x: np.ndarray, training: bool, *, mask=None, out=None) -> np.ndarray:
+        """Normalize ``x``; in training mode update ``state``. Returns an array of x's dtype
+        (``out`` if given). ``mask``: see the module docstring."""
         if training is not True and training is not False:
             training = _check_bool("training", training)
         x = self._check_array("x", x)
         self._check(x, training)
-        if not self._kernel_checks_params(training):
-            self._check_params()
-        canonical = self._canonical(x)
-        y, saved, new_state = self._forward(canonical, training)
-        if new_state:
-            state = self.state
-            for key, value in new_state.items():
-                state[key][...] = value
-        self._saved = (canonical, x.shape, training, saved)
-        return y.reshape(x.shape)
+        if mask is not None and not self.takes_mask:
+            raise TypeError(f"{type(self).__name__} takes no mask: masks are for the "
+                            f"batch-statistics norms (batch, ghost, renorm, recurrent_batch)")
+        self._check_owned()
+        self._check_params()
+        y, saved, commit = self._forward(x, training, mask, out)
+        if commit is not None:
+            commit()
+        self._saved = saved
+        return y
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
-        """Gradient of the last forward: fills ``grads`` and returns dL/dx."""
+    def backward(self, dy: np.ndarray, *, out=None) -> np.ndarray:
+        """Gradient of the last forward: fills ``grads`` and returns dL/dx (``out`` if given)."""
         if self._saved is None:
             raise RuntimeError(f"{type(self).__name__}.backward() called before forward()")
-        x, shape, training, saved = self._saved
+        shape = self._saved[0].shape
         dy = self._check_array("dy", dy)
         if dy.shape != shape:
             raise ValueError(f"dy must have the shape of the last forward's x {shape}, got {dy.shape}")
-        dx, grads = self._backward(dy.reshape(x.shape), x, training, saved)
+        self._check_owned()
+        dx, grads = self._backward(dy, self._saved, out)
         for key, value in grads.items():
             self.grads[key][...] = value.reshape(self.grads[key].shape)
-        return dx.reshape(shape)
-
-    def _buffer(self, key: str, like: np.ndarray, *inputs: np.ndarray) -> np.ndarray:
-        """The array to write output ``key`` (shaped like ``like``) into: the kept one when it
-        may be overwritten (see the module docstring), else a fresh one, kept from now on.
-        ``inputs`` are the call's arrays, which an output must never overwrite."""
-        buffer = self._buffers.get(key)
-        if buffer is not None and buffer.shape == like.shape:
-            if self.reuse_buffers:
-                if not any(np.may_share_memory(buffer, a) for a in inputs):
-                    return buffer
-                return np.empty(like.shape, self.dtype)
-            # Referenced by self._buffers, this local and getrefcount's argument only: the
-            # caller dropped it and every view of it (an input that is such a view counts too).
-            if sys.getrefcount(buffer) <= self._free_refcount:
-                return buffer
-        buffer = self._buffers[key] = np.empty(like.shape, self.dtype)
-        self._free_refcount = sys.getrefcount(buffer)     # the same three references
-        return buffer
+        return dx
 
     # -- checks ------------------------------------------------------------------------------
     def _check_array(self, name: str, a) -> np.ndarray:
-        if type(a) is not np.ndarray and not isinstance(a, np.ndarray):
+        if not isinstance(a, np.ndarray):
             raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
         if a.dtype != self.dtype:
             if a.dtype.kind != "f":
@@ -204,28 +222,50 @@ class Norm:
             raise TypeError(
                 f"{name} has dtype {a.dtype} but this {type(self).__name__} holds {self.dtype} "
                 f"parameters; build it with dtype=np.{a.dtype} or cast {name}")
-        return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+        if a.flags.c_contiguous and a.flags.writeable:
+            return a
+        return np.array(a, order="C")          # Fortran order, negative strides, read-only
+
+    def _check_owned(self) -> None:
+        """Every params/grads/state array still has the shape and dtype the kernels index with
+        (an array replaced from outside is checked once, then trusted while it stays)."""
+        arrays = (self.params, self.grads, self.state)
+        current = tuple(id(a) for d in arrays for a in d.values())
+        if current == self._known:
+            return
+        if not hasattr(self, "_spec"):
+            self._spec = {("params", k): (v.shape, v.dtype) for k, v in self.params.items()}
+            self._spec.update({("grads", k): (v.shape, v.dtype) for k, v in self.grads.items()})
+            self._spec.update({("state", k): (v.shape, v.dtype) for k, v in self.state.items()})
+        for (where, key), (shape, dtype) in self._spec.items():
+            value = getattr(self, where).get(key)
+            if not isinstance(value, np.ndarray) or value.shape != shape or value.dtype != dtype \
+                    or not value.flags.c_contiguous or not value.flags.writeable:
+                got = (f"{value.dtype} {value.shape}" if isinstance(value, np.ndarray)
+                       else type(value).__name__)
+                raise ValueError(
+                    f"{where}[{key!r}] must be a writeable C-contiguous {dtype} array of shape "
+                    f"{shape}, got {got}; write into the array (a[...] = value) instead of "
+                    f"replacing it")
+        self._known = current
+
+    def _reshape_state(self) -> None:
+        """Forget the checked shapes (a norm that changes its own arrays, e.g. grows)."""
+        self.__dict__.pop("_spec", None)
+        self._known = ()
 
     def _check_params(self) -> None:
         for key, value in self.params.items():
-            if not _core.all_finite(value.reshape(-1)):
+            if not _engine.all_finite(value.reshape(-1)):
                 raise ValueError(f"params[{key!r}] contains NaN or inf; refusing to normalize with it")
-
-    def _kernel_checks_params(self, training: bool) -> bool:
-        """Whether this call's kernel refuses non-finite params itself (before writing)."""
-        return False
 
     def _check(self, x: np.ndarray, training: bool) -> None:
         pass
 
-    def _canonical(self, x: np.ndarray) -> np.ndarray:
-        """The view the kernels see (one layout per norm keeps the compiled variants few)."""
-        return x
-
-    def _forward(self, x, training):
+    def _forward(self, x, training, mask, out):
         raise NotImplementedError
 
-    def _backward(self, dy, x, training, saved):
+    def _backward(self, dy, saved, out):
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -235,15 +275,52 @@ class Norm:
         return ""
 
 
-class _ChannelNorm(Norm):
-    """Shared by the norms that take (N, C, *spatial) with per-channel gamma/beta."""
+# ---------------------------------------------------------------------------------------------
+# Norms on the engine: a view (x4, B), per-channel gamma2/beta2 (G, K), and the engine calls
+# ---------------------------------------------------------------------------------------------
 
-    def __init__(self, num_features, *, eps=1e-5, affine=True, dtype=np.float32,
-                 reuse_buffers=False):
-        super().__init__(dtype, reuse_buffers)
+class _EngineNorm(Norm):
+    """A norm computed by the statistics engine. Subclasses give ``_view(x)`` ->
+    (x4, B, mask_shape) and ``_affine()`` -> (gamma2, beta2); ``centered`` (False: RMS)."""
+
+    centered = True
+
+    def _statistics(self, x4, B, training):
+        V, G = x4.shape[0] // B, x4.shape[1]
+        return np.empty((V, G)), np.empty((V, G)), np.empty(V)
+
+    def _mask2(self, mask, x, x4, mask_shape):
+        if mask is None:
+            return _engine.NO_MASK, False
+        return check_mask(mask, mask_shape, "x.shape without the channel axis").reshape(
+            x4.shape[0], x4.shape[3]), True
+
+    def _run_forward(self, x, x4, B, mask2, masked, out, mean, var, count, mode, gamma2, beta2):
+        y = check_out(out, x.shape, self.dtype, x)
+        _engine.forward(x4, B, gamma2, beta2, self.eps, self.centered, mask2, masked,
+                        y.reshape(x4.shape), mean, var, count, mode)
+        return y
+
+    def _run_backward(self, dy, saved, out, gamma2, frozen):
+        x, x4, B, mean, var, count, mask2, masked = saved[:8]
+        dx = check_out(out, x.shape, self.dtype, x, dy)
+        G, K = x4.shape[1], x4.shape[2]
+        dgamma, dbeta = np.empty((G, K)), np.empty((G, K))
+        _engine.backward(dy.reshape(x4.shape), x4, B, gamma2, mean, var, count, self.eps,
+                         self.centered, frozen, mask2, masked, dx.reshape(x4.shape), dgamma, dbeta)
+        return dx, dgamma, dbeta
+
+
+class _ChannelNorm(_EngineNorm):
+    """Shared by the norms that take (N, C, *spatial) (or the channel at ``axis``) with
+    per-channel gamma/beta."""
+
+    def __init__(self, num_features, *, eps=1e-5, affine=True, axis=1, dtype=np.float32):
+        super().__init__(dtype)
         self.num_features = _check_positive_int("num_features", num_features)
         self.eps = _check_eps(eps)
         self.affine = _check_bool("affine", affine)
+        self.axis = _check_axis(axis)
         C = self.num_features
         if self.affine:
             self._add_param("gamma", np.ones(C))
@@ -262,39 +339,55 @@ class _ChannelNorm(Norm):
     def _affine_grads(self, dgamma, dbeta) -> dict:
         return {"gamma": dgamma, "beta": dbeta} if self.affine else {}
 
+    def _channel_axis(self, x) -> int:
+        return self.axis % x.ndim
+
     def _check(self, x, training):
         if x.ndim < 2:
-            raise ValueError(f"x must be (N, C) or (N, C, *spatial), got shape {x.shape}")
-        if x.shape[1] != self.num_features:
+            raise ValueError(f"x must be (N, C) or (N, C, *spatial) (channels at axis={self.axis}), "
+                             f"got shape {x.shape}")
+        if not -x.ndim <= self.axis < x.ndim or self.axis % x.ndim == 0:
+            raise ValueError(f"axis={self.axis} must name a channel axis of x other than the "
+                             f"batch axis 0; x.shape = {x.shape}")
+        axis = self._channel_axis(x)
+        if x.shape[axis] != self.num_features:
             raise ValueError(
-                f"x has {x.shape[1]} channels (axis 1) but this {type(self).__name__} was built "
-                f"with num_features={self.num_features}; x.shape = {x.shape}")
+                f"x has {x.shape[axis]} channels (axis {self.axis}) but this {type(self).__name__} "
+                f"was built with num_features={self.num_features}; x.shape = {x.shape}")
         if x.size == 0:
             raise ValueError(f"x is empty: shape {x.shape}")
 
-    def _canonical(self, x):
-        return x.reshape(x.shape[0], x.shape[1], -1)       # (N, C, L)
+    def _split(self, x):
+        """(pre, C, post): the sizes before, at and after the channel axis, and the mask shape."""
+        axis = self._channel_axis(x)
+        pre = math.prod(x.shape[:axis])
+        post = math.prod(x.shape[axis + 1:])
+        return pre, x.shape[axis], post, x.shape[:axis] + x.shape[axis + 1:]
 
     def _describe(self):
-        return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
+        axis = "" if self.axis == 1 else f", axis={self.axis}"
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine}{axis}"
 
 
 @register("batch")
 class BatchNorm(_ChannelNorm):
-    """Batch norm (Ioffe & Szegedy, 2015), PyTorch semantics, on (N, C) or (N, C, *spatial).
+    """Batch norm (Ioffe & Szegedy, 2015), PyTorch semantics, on (N, C) or (N, C, *spatial)
+    (or channels at ``axis``, e.g. ``axis=-1`` for (N, *spatial, C)).
 
     Training normalizes with the biased batch variance; ``running_var`` stores the unbiased one.
     ``momentum`` is the weight of the new batch (PyTorch's 0.1 is Keras' 0.9);
     ``running_average="cumulative"`` averages all batches equally (PyTorch's momentum=None).
     With ``track_running_stats=False`` both modes use the batch statistics and ``state`` is empty.
     Backward after ``forward(x, training=False)`` treats the running statistics as constants
-    (fine-tuning with frozen statistics).
+    (fine-tuning with frozen statistics). ``forward(x, training, mask=m)`` leaves out the
+    positions where ``m`` is False (see the module docstring).
     """
 
+    takes_mask = True
+
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, running_average="exponential",
-                 affine=True, track_running_stats=True, dtype=np.float32, reuse_buffers=False):
-        super().__init__(num_features, eps=eps, affine=affine, dtype=dtype,
-                         reuse_buffers=reuse_buffers)
+                 affine=True, track_running_stats=True, axis=1, dtype=np.float32):
+        super().__init__(num_features, eps=eps, affine=affine, axis=axis, dtype=dtype)
         self.momentum = _check_momentum(momentum)
         if running_average not in ("exponential", "cumulative"):
             raise ValueError(
@@ -306,112 +399,77 @@ class BatchNorm(_ChannelNorm):
             self.state["running_mean"] = np.zeros(C, self.dtype)
             self.state["running_var"] = np.ones(C, self.dtype)
             self.state["num_batches_tracked"] = np.zeros((), np.int64)
-        # The fused training kernels (see _train_forward): their scalars, the batch statistics
-        # they keep for backward, and stand-ins for what a norm without them lacks.
-        self._hyper = np.zeros(4, np.float64)      # _batch.HYPER_* layout
-        self._stats = np.zeros((2, C))             # (2, C) batch mean, biased variance
-        self._no_state = (np.zeros(C, self.dtype), np.ones(C, self.dtype), np.zeros((), np.int64))
-        self._no_grads = (np.zeros(C, self.dtype), np.zeros(C, self.dtype))
-        # The fast path: shape and strides of the last input that passed every check in
-        # training mode (None: none yet), for this class only (subclasses have their own kernels).
-        self._fast_signature = None
-        self._fast_view = None                     # (N, C, L) of that shape
-        self._fast = type(self) is BatchNorm
 
     def _uses_batch_stats(self, training: bool) -> bool:
         return training or not self.track_running_stats
 
-    def _kernel_checks_params(self, training):
-        return self._fast and self._uses_batch_stats(training)      # the fused kernel
-
-    def _values_per_channel(self, x, virtual_batch=None) -> int:
-        return (virtual_batch or x.shape[0]) * (x.size // (x.shape[0] * x.shape[1]))
+    def _rows_per_statistic(self, x, pre) -> int:
+        """B: rows of the (pre, C, 1, post) view per statistics group (all of them)."""
+        return pre
 
     def _check(self, x, training):
         super()._check(x, training)
-        if self._uses_batch_stats(training) and self._values_per_channel(x) < 2:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {x.shape}")
-
-    def _update_momentum(self) -> float:
-        if self.running_average == "cumulative":
-            return 1.0 / (int(self.state["num_batches_tracked"]) + 1)
-        return self.momentum
-
-    def _running_update(self, batch_mean, batch_var, count) -> dict:
-        if not self.track_running_stats:
-            return {}
-        mean, var = _batch.running_update(self.state["running_mean"], self.state["running_var"],
-                                          batch_mean, batch_var, count, self._update_momentum())
-        return {"running_mean": mean, "running_var": var,
-                "num_batches_tracked": self.state["num_batches_tracked"] + 1}
-
-    # -- the fast path (see the module docstring) ------------------------------------------
-    def forward(self, x, training):
-        if (training is True and x.__class__ is np.ndarray and x.dtype is self.dtype
-                and (x.shape, x.strides) == self._fast_signature):
-            canonical = x.reshape(self._fast_view)                       # (N, C, L)
-            y = self._train_forward(canonical, True)
-            self._saved = (canonical, x.shape, True, self._stats)
-            return y.reshape(x.shape)
-        y = super().forward(x, training)
-        if self._fast and training is True and x.flags.c_contiguous:   # x reached the kernel
-            self._fast_signature = (x.shape, x.strides)
-            self._fast_view = self._saved[0].shape
-        return y
-
-    def backward(self, dy):
-        saved = self._saved
-        if (saved is not None and saved[3] is self._stats and dy.__class__ is np.ndarray
-                and dy.dtype is self.dtype and (dy.shape, dy.strides) == self._fast_signature
-                and dy.shape == saved[1]):
-            x = saved[0]                                                 # (N, C, L)
-            dx = self._train_backward(dy.reshape(x.shape), x)
-            return dx.reshape(dy.shape)
-        return super().backward(dy)
-
-    def _train_forward(self, x, training):
-        """The fused kernel: y, the batch statistics into self._stats and (training with
-        tracking) the running statistics, in one call; x (N, C, L) checked."""
-        y = self._buffer("y", x, x)
-        hyper = self._hyper
-        hyper[_batch.HYPER_EPS] = self.eps
-        hyper[_batch.HYPER_MOMENTUM] = self.momentum
-        hyper[_batch.HYPER_CUMULATIVE] = self.running_average == "cumulative"
-        hyper[_batch.HYPER_TRACK] = tracked = training and self.track_running_stats
-        if tracked:
-            state = self.state
-            running = state["running_mean"], state["running_var"], state["num_batches_tracked"]
-        else:
-            running = self._no_state
-        params = self.params if self.affine else self._fixed
-        status = _batch.train_forward_into(x, params["gamma"], params["beta"], y, self._stats,
-                                           *running, hyper)
-        if status != _batch.OK:                # checked before anything was written
-            key = "gamma" if status == _batch.GAMMA_NOT_FINITE else "beta"
-            raise ValueError(f"params[{key!r}] contains NaN or inf; refusing to normalize with it")
-        return y
-
-    def _train_backward(self, dy, x):
-        """dx of the last training forward; writes grads (gamma and beta) directly."""
-        dx = self._buffer("dx", x, dy, x)
-        grads = (self.grads["gamma"], self.grads["beta"]) if self.affine else self._no_grads
-        _batch.backward_into(dy, x, self._gamma, self._stats, self.eps, dx, *grads)
-        return dx
-
-    def _forward(self, x, training):
         if self._uses_batch_stats(training):
-            return self._train_forward(x, training), self._stats, {}
-        y = _batch.forward_eval(x, self._gamma, self._beta, self.state["running_mean"],
-                                self.state["running_var"], self.eps, self._buffer("y", x, x))
-        return y, None, {}
+            pre, C, post, _ = self._split(x)
+            B = self._rows_per_statistic(x, pre)
+            if B * post < 2:
+                raise ValueError(
+                    f"Expected more than 1 value per channel when training, got input size "
+                    f"{x.shape}")
 
-    def _backward(self, dy, x, training, saved):
-        if saved is self._stats:               # batch statistics (training forward)
-            return self._train_backward(dy, x), {}
-        out = self._buffer("dx", x, dy, x)
-        dx, dgamma, dbeta = _batch.backward_eval(dy, x, self._gamma, self.state["running_mean"],
-                                                 self.state["running_var"], self.eps, out)
+    def _view(self, x):
+        pre, C, post, mask_shape = self._split(x)
+        return x.reshape(pre, C, 1, post), self._rows_per_statistic(x, pre), mask_shape
+
+    def _check_counts(self, count, masked):
+        if masked and np.any(count == 1):
+            raise ValueError("Expected more than 1 valid value per channel when training, got 1 "
+                             "unmasked position (a batch with no valid position is skipped)")
+
+    def _forward(self, x, training, mask, out):
+        x4, B, mask_shape = self._view(x)
+        mask2, masked = self._mask2(mask, x, x4, mask_shape)
+        C = self.num_features
+        gamma2, beta2 = self._gamma.reshape(C, 1), self._beta.reshape(C, 1)
+        if not self._uses_batch_stats(training):
+            mean = self.state["running_mean"].astype(np.float64).reshape(1, C)
+            var = self.state["running_var"].astype(np.float64).reshape(1, C)
+            count = np.zeros(1)
+            y = self._run_forward(x, x4, x4.shape[0], mask2, masked, out, mean, var, count,
+                                  _engine.APPLY_ONLY, gamma2, beta2)
+            return y, (x, x4, x4.shape[0], mean, var, count, mask2, masked, True), None
+        mean, var, count = self._statistics(x4, B, training)
+        if masked:                             # refuse before anything is written
+            _engine.count_valid(mask2, True, B, 1, x4.shape[3], count)
+            self._check_counts(count, masked)
+        y, commit = self._train_forward(x, x4, B, mask2, masked, out, mean, var, count, training,
+                                        gamma2, beta2)
+        return y, (x, x4, B, mean, var, count, mask2, masked, False), commit
+
+    def _train_forward(self, x, x4, B, mask2, masked, out, mean, var, count, training, gamma2,
+                       beta2):
+        y = self._run_forward(x, x4, B, mask2, masked, out, mean, var, count,
+                              _engine.STATS_AND_APPLY, gamma2, beta2)
+        return y, self._commit(mean, var, count, training, pooled=False)
+
+    def _commit(self, mean, var, count, training, pooled):
+        if not (training and self.track_running_stats):
+            return None
+        if np.all(count == 0):
+            return None                        # nothing valid in the batch: no update
+
+        def commit():
+            state = self.state
+            _engine.running_update(state["running_mean"].reshape(1, -1),
+                                   state["running_var"].reshape(1, -1),
+                                   state["num_batches_tracked"].reshape(1), mean, var, count,
+                                   self.momentum, self.running_average == "cumulative", pooled)
+        return commit
+
+    def _backward(self, dy, saved, out):
+        C = self.num_features
+        dx, dgamma, dbeta = self._run_backward(dy, saved, out, self._gamma.reshape(C, 1),
+                                               frozen=saved[8])
         return dx, self._affine_grads(dgamma, dbeta)
 
     def _describe(self):
@@ -423,7 +481,8 @@ class BatchNorm(_ChannelNorm):
 @register("ghost")
 class GhostBatchNorm(BatchNorm):
     """Ghost batch norm (Hoffer et al., 2017): batch norm on disjoint virtual batches of
-    ``virtual_batch_size`` rows (it must divide N), parameters and running statistics shared.
+    ``virtual_batch_size`` samples along axis 0 (it must divide N), parameters and running
+    statistics shared.
 
     The running statistics are updated once per call with the mean over virtual batches of
     their means and of their unbiased variances; evaluation uses them as batch norm does.
@@ -433,6 +492,9 @@ class GhostBatchNorm(BatchNorm):
         super().__init__(num_features, **kwargs)
         self.virtual_batch_size = _check_positive_int("virtual_batch_size", virtual_batch_size)
 
+    def _rows_per_statistic(self, x, pre):
+        return self.virtual_batch_size * (pre // x.shape[0])
+
     def _check(self, x, training):
         _ChannelNorm._check(self, x, training)
         if not self._uses_batch_stats(training):
@@ -441,30 +503,22 @@ class GhostBatchNorm(BatchNorm):
             raise ValueError(
                 f"virtual_batch_size={self.virtual_batch_size} must divide the batch size, "
                 f"got a batch of {x.shape[0]} (x.shape = {x.shape})")
-        if self._values_per_channel(x, self.virtual_batch_size) < 2:
+        pre, C, post, _ = self._split(x)
+        if self._rows_per_statistic(x, pre) * post < 2:
             raise ValueError(
                 f"Expected more than 1 value per channel in each virtual batch when training, "
                 f"got input size {x.shape} with virtual_batch_size={self.virtual_batch_size}")
 
-    def _forward(self, x, training):
-        if not self._uses_batch_stats(training):
-            return super()._forward(x, training)
-        B = self.virtual_batch_size
-        y, means, variances = _batch.ghost_forward_train(x, self._gamma, self._beta, self.eps, B,
-                                                         self._buffer("y", x, x))
-        new_state = {}
-        if training:
-            new_state = self._running_update(means.mean(axis=0), variances.mean(axis=0),
-                                             self._values_per_channel(x, B))
-        return y, (means, variances), new_state
+    def _check_counts(self, count, masked):
+        if masked and np.any(count < 2):
+            raise ValueError("Expected more than 1 valid value per channel in every virtual batch "
+                             "when training")
 
-    def _backward(self, dy, x, training, saved):
-        if saved is None:
-            return super()._backward(dy, x, training, saved)
-        dx, dgamma, dbeta = _batch.ghost_backward(dy, x, self._gamma, *saved, self.eps,
-                                                  self.virtual_batch_size,
-                                                  self._buffer("dx", x, dy, x))
-        return dx, self._affine_grads(dgamma, dbeta)
+    def _train_forward(self, x, x4, B, mask2, masked, out, mean, var, count, training, gamma2,
+                       beta2):
+        y = self._run_forward(x, x4, B, mask2, masked, out, mean, var, count,
+                              _engine.STATS_AND_APPLY, gamma2, beta2)
+        return y, self._commit(mean, var, count, training, pooled=True)
 
     def _describe(self):
         return f"{super()._describe()}, virtual_batch_size={self.virtual_batch_size}"
@@ -476,10 +530,9 @@ class BatchRenorm(BatchNorm):
 
     ``r = clip(sigma_B / sigma, 1/r_max, r_max)``, ``d = clip((mu_B - mu) / sigma, -d_max, d_max)``
     with sigma = sqrt(running_var + eps); r and d carry no gradient. ``r_max``/``d_max`` may be
-    changed between steps (the paper starts at 1 and 0 — plain batch norm, bit for bit — and
-    relaxes them to 3 and 5, the defaults here); the schedule belongs to the training loop.
-    Running statistics and evaluation are batch norm's. The last step's r and d are kept in
-    ``last_r`` and ``last_d``.
+    changed between steps (the paper starts at 1 and 0 — plain batch norm — and relaxes them to
+    3 and 5, the defaults here); the schedule belongs to the training loop. Running statistics
+    and evaluation are batch norm's. The last step's r and d are kept in ``last_r``/``last_d``.
     """
 
     def __init__(self, num_features, *, r_max=3.0, d_max=5.0, **kwargs):
@@ -511,22 +564,42 @@ class BatchRenorm(BatchNorm):
             raise ValueError(f"d_max must be a number >= 0, got {value!r}")
         self._d_max = float(value)
 
-    def _forward(self, x, training):
-        if not training:
-            return super()._forward(x, training)
-        y, mean, var, r, d = _renorm.forward_train(x, self._gamma, self._beta,
-                                                   self.state["running_mean"],
-                                                   self.state["running_var"], self.eps,
-                                                   self.r_max, self.d_max, self._buffer("y", x, x))
-        self.last_r, self.last_d = r, d
-        return y, (mean, var, r, d), self._running_update(mean, var, self._values_per_channel(x))
+    def _train_forward(self, x, x4, B, mask2, masked, out, mean, var, count, training, gamma2,
+                       beta2):
+        if not training:                       # never reached: renorm always tracks
+            return super()._train_forward(x, x4, B, mask2, masked, out, mean, var, count,
+                                          training, gamma2, beta2)
+        _engine.forward(x4, B, gamma2, beta2, self.eps, True, mask2, masked, x4, mean, var,
+                        count, _engine.STATS_ONLY)
+        sigma = np.sqrt(self.state["running_var"].astype(np.float64) + self.eps)
+        r = np.clip(np.sqrt(var[0] + self.eps) / sigma, 1.0 / self.r_max, self.r_max)
+        d = np.clip((mean[0] - self.state["running_mean"]) / sigma, -self.d_max, self.d_max)
+        gamma_r = (gamma2[:, 0] * r).astype(self.dtype).reshape(-1, 1)
+        beta_d = (beta2[:, 0] + gamma2[:, 0] * d).astype(self.dtype).reshape(-1, 1)
+        y = self._run_forward(x, x4, B, mask2, masked, out, mean, var, count, _engine.APPLY_ONLY,
+                              gamma_r, beta_d)
+        update = self._commit(mean, var, count, training, pooled=False)
 
-    def _backward(self, dy, x, training, saved):
-        if saved is None:
-            return super()._backward(dy, x, training, saved)
-        dx, dgamma, dbeta = _renorm.backward(dy, x, self._gamma, *saved, self.eps,
-                                             self._buffer("dx", x, dy, x))
-        return dx, self._affine_grads(dgamma, dbeta)
+        def commit():
+            self.last_r, self.last_d = r, d
+            if update is not None:
+                update()
+        self._renorm = (r, d, gamma_r)
+        return y, commit
+
+    def _forward(self, x, training, mask, out):
+        y, saved, commit = super()._forward(x, training, mask, out)
+        if not saved[8]:
+            saved = saved + self._renorm
+        return y, saved, commit
+
+    def _backward(self, dy, saved, out):
+        if saved[8]:                           # evaluation: batch norm's
+            return super()._backward(dy, saved, out)
+        r, d, gamma_r = saved[9:]
+        dx, dgamma_b, dbeta = self._run_backward(dy, saved, out, gamma_r, frozen=False)
+        dgamma = r * dgamma_b[:, 0] + d * dbeta[:, 0]       # r, d constants; beta' = beta + gamma d
+        return dx, self._affine_grads(dgamma, dbeta[:, 0])
 
     def _describe(self):
         return f"{super()._describe()}, r_max={self.r_max}, d_max={self.d_max}"
@@ -535,31 +608,37 @@ class BatchRenorm(BatchNorm):
 @register("group")
 class GroupNorm(_ChannelNorm):
     """Group norm (Wu & He, 2018): statistics per (sample, group of C / num_groups channels),
-    per-channel gamma/beta; x is (N, C, *spatial). Same computation in training and evaluation.
-    ``GroupNorm(C, num_groups=1)`` is layer norm over (C, *spatial); ``num_groups=C`` is
-    instance norm."""
+    per-channel gamma/beta; x is (N, C, *spatial) (or channels at ``axis``). Same computation in
+    training and evaluation. ``GroupNorm(C, num_groups=1)`` is layer norm over (C, *spatial);
+    ``num_groups=C`` is instance norm."""
 
-    def __init__(self, num_features, num_groups, *, eps=1e-5, affine=True, dtype=np.float32,
-                 reuse_buffers=False):
+    def __init__(self, num_features, num_groups, *, eps=1e-5, affine=True, axis=1,
+                 dtype=np.float32):
         num_groups = _check_positive_int("num_groups", num_groups)
-        super().__init__(num_features, eps=eps, affine=affine, dtype=dtype,
-                         reuse_buffers=reuse_buffers)
+        super().__init__(num_features, eps=eps, affine=affine, axis=axis, dtype=dtype)
         if self.num_features % num_groups:
             raise ValueError(f"num_groups={num_groups} must divide num_features={self.num_features}")
         self.num_groups = num_groups
 
-    def _forward(self, x, training):
-        y, mean, var = _group.forward(x, self._gamma, self._beta, self.num_groups, self.eps,
-                                      self._buffer("y", x, x))
-        return y, (mean, var), {}
+    def _forward(self, x, training, mask, out):
+        pre, C, post, _ = self._split(x)
+        G = self.num_groups
+        x4 = x.reshape(pre, G, C // G, post)   # (N * S_before, G, C/G, S_after)
+        B = pre // x.shape[0]
+        mean, var, count = self._statistics(x4, B, training)
+        gamma2 = self._gamma.reshape(G, C // G)
+        y = self._run_forward(x, x4, B, _engine.NO_MASK, False, out, mean, var, count,
+                              _engine.STATS_AND_APPLY, gamma2, self._beta.reshape(G, C // G))
+        return y, (x, x4, B, mean, var, count, _engine.NO_MASK, False, gamma2), None
 
-    def _backward(self, dy, x, training, saved):
-        dx, dgamma, dbeta = _group.backward(dy, x, self._gamma, self.num_groups, *saved, self.eps,
-                                            self._buffer("dx", x, dy, x))
+    def _backward(self, dy, saved, out):
+        dx, dgamma, dbeta = self._run_backward(dy, saved, out, saved[8], frozen=False)
         return dx, self._affine_grads(dgamma, dbeta)
 
     def _describe(self):
-        return f"{self.num_features}, num_groups={self.num_groups}, eps={self.eps}, affine={self.affine}"
+        axis = "" if self.axis == 1 else f", axis={self.axis}"
+        return (f"{self.num_features}, num_groups={self.num_groups}, eps={self.eps}, "
+                f"affine={self.affine}{axis}")
 
 
 @register("instance")
@@ -568,27 +647,27 @@ class InstanceNorm(GroupNorm):
     over the spatial axes), per-channel gamma/beta (``affine=True`` by default, unlike PyTorch's
     InstanceNorm). Needs more than one spatial element, as in PyTorch."""
 
-    def __init__(self, num_features, *, eps=1e-5, affine=True, dtype=np.float32,
-                 reuse_buffers=False):
-        super().__init__(num_features, num_features, eps=eps, affine=affine, dtype=dtype,
-                         reuse_buffers=reuse_buffers)
+    def __init__(self, num_features, *, eps=1e-5, affine=True, axis=1, dtype=np.float32):
+        super().__init__(num_features, num_features, eps=eps, affine=affine, axis=axis,
+                         dtype=dtype)
 
     def _check(self, x, training):
         super()._check(x, training)
-        if x.size // (x.shape[0] * x.shape[1]) < 2:
+        if x.size // (x.shape[0] * self.num_features) < 2:
             raise ValueError(f"Expected more than 1 spatial element for instance norm, got input "
                              f"size {x.shape}")
 
     def _describe(self):
-        return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
+        axis = "" if self.axis == 1 else f", axis={self.axis}"
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine}{axis}"
 
 
-class _TrailingNorm(Norm):
+class _TrailingNorm(_EngineNorm):
     """Shared by layer and RMS norm: statistics per row over the trailing ``num_features`` axes
     (an int or a tuple, PyTorch's ``normalized_shape``)."""
 
-    def __init__(self, num_features, *, eps=1e-5, dtype=np.float32, reuse_buffers=False):
-        super().__init__(dtype, reuse_buffers)
+    def __init__(self, num_features, *, eps=1e-5, dtype=np.float32):
+        super().__init__(dtype)
         self.normalized_shape = _check_shape("num_features", num_features)
         self.eps = _check_eps(eps)
 
@@ -601,11 +680,24 @@ class _TrailingNorm(Norm):
         if x.size == 0:
             raise ValueError(f"x is empty: shape {x.shape}")
 
-    def _canonical(self, x):
-        return x.reshape(-1, math.prod(self.normalized_shape))    # (R, D)
+    def _gamma_beta(self):
+        raise NotImplementedError
 
-    def _flat(self, key):
-        return self.params[key].reshape(-1)                        # (D,)
+    def _forward(self, x, training, mask, out):
+        D = math.prod(self.normalized_shape)
+        x4 = x.reshape(-1, 1, D, 1)            # (R, 1, D, 1)
+        mean, var, count = self._statistics(x4, 1, training)
+        gamma, beta = self._gamma_beta()
+        y = self._run_forward(x, x4, 1, _engine.NO_MASK, False, out, mean, var, count,
+                              _engine.STATS_AND_APPLY, gamma.reshape(1, D), beta.reshape(1, D))
+        return y, (x, x4, 1, mean, var, count, _engine.NO_MASK, False), None
+
+    def _backward(self, dy, saved, out):
+        D = math.prod(self.normalized_shape)
+        dx, dgamma, dbeta = self._run_backward(dy, saved, out,
+                                               self._gamma_beta()[0].reshape(1, D), frozen=False)
+        return dx, self._grads(dgamma.reshape(self.normalized_shape),
+                               dbeta.reshape(self.normalized_shape))
 
 
 @register("layer")
@@ -614,30 +706,24 @@ class LayerNorm(_TrailingNorm):
     gamma/beta of that shape; same computation in training and evaluation."""
 
     def __init__(self, num_features=None, *, normalized_shape=None, eps=1e-5, affine=True,
-                 dtype=np.float32, reuse_buffers=False):
+                 dtype=np.float32):
         if (num_features is None) == (normalized_shape is None):
             raise ValueError("give the normalized shape once: as num_features or as normalized_shape")
         super().__init__(normalized_shape if num_features is None else num_features, eps=eps,
-                         dtype=dtype, reuse_buffers=reuse_buffers)
+                         dtype=dtype)
         self.affine = _check_bool("affine", affine)
-        D = math.prod(self.normalized_shape)
         if self.affine:
             self._add_param("gamma", np.ones(self.normalized_shape))
             self._add_param("beta", np.zeros(self.normalized_shape))
         else:
+            D = math.prod(self.normalized_shape)
             self._fixed = (np.ones(D, self.dtype), np.zeros(D, self.dtype))
 
     def _gamma_beta(self):
-        return (self._flat("gamma"), self._flat("beta")) if self.affine else self._fixed
+        return (self.params["gamma"], self.params["beta"]) if self.affine else self._fixed
 
-    def _forward(self, x, training):
-        y, mean, var = _layer.forward(x, *self._gamma_beta(), self.eps, self._buffer("y", x, x))
-        return y, (mean, var), {}
-
-    def _backward(self, dy, x, training, saved):
-        dx, dgamma, dbeta = _layer.backward(dy, x, self._gamma_beta()[0], *saved, self.eps,
-                                            self._buffer("dx", x, dy, x))
-        return dx, ({"gamma": dgamma, "beta": dbeta} if self.affine else {})
+    def _grads(self, dgamma, dbeta):
+        return {"gamma": dgamma, "beta": dbeta} if self.affine else {}
 
     def _describe(self):
         return f"{self.normalized_shape}, eps={self.eps}, affine={self.affine}"
@@ -648,23 +734,21 @@ class RMSNorm(_TrailingNorm):
     """RMS norm (Zhang & Sennrich, 2019): y = x / sqrt(mean(x^2) + eps) * gamma over the
     trailing ``num_features`` axes; a gain, no centering and no bias."""
 
-    def __init__(self, num_features=None, *, normalized_shape=None, eps=1e-5, dtype=np.float32,
-                 reuse_buffers=False):
+    centered = False
+
+    def __init__(self, num_features=None, *, normalized_shape=None, eps=1e-5, dtype=np.float32):
         if (num_features is None) == (normalized_shape is None):
             raise ValueError("give the normalized shape once: as num_features or as normalized_shape")
         super().__init__(normalized_shape if num_features is None else num_features, eps=eps,
-                         dtype=dtype, reuse_buffers=reuse_buffers)
+                         dtype=dtype)
         self._add_param("gamma", np.ones(self.normalized_shape))
+        self._zero_beta = np.zeros(math.prod(self.normalized_shape), self.dtype)
 
-    def _forward(self, x, training):
-        y, mean_square = _layer.rms_forward(x, self._flat("gamma"), self.eps,
-                                            self._buffer("y", x, x))
-        return y, mean_square, {}
+    def _gamma_beta(self):
+        return self.params["gamma"], self._zero_beta
 
-    def _backward(self, dy, x, training, saved):
-        dx, dgamma = _layer.rms_backward(dy, x, self._flat("gamma"), saved, self.eps,
-                                         self._buffer("dx", x, dy, x))
-        return dx, {"gamma": dgamma}
+    def _grads(self, dgamma, dbeta):
+        return {"gamma": dgamma}
 
     def _describe(self):
         return f"{self.normalized_shape}, eps={self.eps}"
@@ -674,15 +758,19 @@ class RMSNorm(_TrailingNorm):
 class Identity(Norm):
     """No normalization, so a study can include it by name: y = x, dx = dy (copies)."""
 
-    def __init__(self, num_features=None, *, dtype=np.float32, reuse_buffers=False):
-        super().__init__(dtype, reuse_buffers)
+    def __init__(self, num_features=None, *, dtype=np.float32):
+        super().__init__(dtype)
         self.num_features = num_features
 
-    def _forward(self, x, training):
-        return x.copy(), None, {}
+    def _forward(self, x, training, mask, out):
+        y = check_out(out, x.shape, self.dtype, x)
+        y[...] = x
+        return y, (x,), None
 
-    def _backward(self, dy, x, training, saved):
-        return dy.copy(), {}
+    def _backward(self, dy, saved, out):
+        dx = check_out(out, dy.shape, self.dtype, dy)
+        dx[...] = dy
+        return dx, {}
 
     def _describe(self):
         return f"{self.num_features}"

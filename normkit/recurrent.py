@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import recurrent as _recurrent
-from .norms import (Norm, _check_bool, _check_eps, _check_momentum, _check_positive_int,
+from .kernels import _engine
+from .norms import (_EngineNorm, _check_bool, _check_eps, _check_momentum, _check_positive_int,
                     register)
 
 __all__ = ["RecurrentBatchNorm", "check_mask", "mask_from_lengths"]
@@ -53,8 +53,24 @@ def mask_from_lengths(lengths, T: int) -> np.ndarray:
     return np.arange(T)[:, None] < lengths[None, :]
 
 
+def pool_steps(mean, var, count):
+    """Statistics of all steps together from per-step ones: (mean (1, F), var (1, F), count (1,)).
+
+    With c_t valid rows at step t: mean = sum c_t mean_t / C, var = sum c_t (var_t +
+    (mean_t - mean)^2) / C, C = sum c_t (biased variances, as batch norm over all steps).
+    """
+    count = np.asarray(count, np.float64)
+    total = count.sum()
+    if total == 0:
+        return np.zeros((1, mean.shape[1])), np.zeros((1, mean.shape[1])), np.zeros(1)
+    pooled_mean = (count[:, None] * mean).sum(axis=0, keepdims=True) / total
+    pooled_var = (count[:, None] * (var + (mean - pooled_mean) ** 2)).sum(axis=0,
+                                                                            keepdims=True) / total
+    return pooled_mean, pooled_var, np.array([total])
+
+
 @register("recurrent_batch")
-class RecurrentBatchNorm(Norm):
+class RecurrentBatchNorm(_EngineNorm):
     """Batch norm for time-major sequences x (T, N, num_features), statistics per time step.
 
     ``max_steps``: the number of steps with their own statistics (required if ``per_step``).
@@ -67,6 +83,8 @@ class RecurrentBatchNorm(Norm):
     ``state``: running_mean, running_var (S, F) and num_batches_tracked (S,), S = max_steps
     (per_step) or 1. ``forward(x, training, mask=None)`` takes an optional bool mask (T, N).
     """
+
+    takes_mask = True
 
     def __init__(self, num_features, max_steps=None, *, per_step=True, grow=False, eps=1e-5,
                  momentum=0.1, affine=True, bias=True, dtype=np.float32):
@@ -149,20 +167,22 @@ class RecurrentBatchNorm(Norm):
         self.state["num_batches_tracked"] = np.concatenate(
             [self.state["num_batches_tracked"], np.zeros(T - S, np.int64)])
         self.max_steps = T
+        self._reshape_state()
 
     def running_update(self, batch_mean, batch_var, count) -> dict:
         """New state after a batch whose statistics are (K, F) with count (K,) valid rows per
         slot: per step (slots 0..K-1), or pooled into the one slot if ``per_step=False``."""
         if not self.per_step and batch_mean.shape[0] > 1:
-            batch_mean, batch_var, count = _recurrent.pool_steps(batch_mean, batch_var, count)
-        mean, var = _recurrent.running_update(self.state["running_mean"], self.state["running_var"],
-                                              batch_mean, batch_var, count, self.momentum)
-        tracked = self.state["num_batches_tracked"].copy()
-        tracked[:batch_mean.shape[0]] += count > 0
-        return {"running_mean": mean, "running_var": var, "num_batches_tracked": tracked}
+            batch_mean, batch_var, count = pool_steps(batch_mean, batch_var, count)
+        new = {key: value.copy() for key, value in self.state.items()}
+        _engine.running_update(new["running_mean"], new["running_var"],
+                               new["num_batches_tracked"], np.ascontiguousarray(batch_mean),
+                               np.ascontiguousarray(batch_var),
+                               np.asarray(count, np.float64), self.momentum, False, False)
+        return new
 
     # -- the interface ------------------------------------------------------------------------
-    def forward(self, x: np.ndarray, training: bool, mask: np.ndarray | None = None) -> np.ndarray:
+    def forward(self, x: np.ndarray, training: bool, *, mask=None, out=None) -> np.ndarray:
         """Normalize x (T, N, F); ``mask`` (T, N) bool marks the valid positions (None: all).
         In training, update the running statistics of the steps seen."""
         training = _check_bool("training", training)
@@ -173,40 +193,51 @@ class RecurrentBatchNorm(Norm):
         if training:
             valid = np.full(T, N) if mask is None else mask.sum(axis=1)
             self.check_training(T, valid)
+        self._check_owned()
         self._check_params()
-        if training:
+        if training and self.per_step and T > self.num_slots:
             self.grow_to(T)
-        y, saved, new_state = self._forward_masked(x, training, mask)
-        for key, value in new_state.items():
-            self.state[key][...] = value
-        self._saved = (x, x.shape, training, saved)
+            self._reshape_state()
+        y, saved, commit = self._forward(x, training, mask, out)
+        if commit is not None:
+            commit()
+        self._saved = saved
         return y
 
-    def _forward_masked(self, x, training, mask):
-        # Row-major kernels for every case: _core's per-step view (recurrent.forward_train, the
-        # cross-check in the tests) reads x column by column here and is ~4x slower at T=784.
-        full = np.ones(x.shape[:2], np.bool_) if mask is None else mask
-        if not training:
-            mean = self.state["running_mean"].copy()
-            var = self.state["running_var"].copy()
-            y = _recurrent.forward_eval(x, full, self.gamma, self.beta, mean, var, self.eps)
-            return y, ("eval", full, mean, var), {}
-        y, mean, var, count = _recurrent.masked_forward_train(x, full, self.gamma, self.beta,
-                                                              self.eps, self.per_step)
-        return y, ("batch", full, mean, var), self.running_update(mean, var, count)
+    def _forward(self, x, training, mask, out):
+        T, N, F = x.shape
+        x4 = x.reshape(T * N, F, 1, 1)         # (T*N, F, 1, 1): a step is a statistics group
+        mask2, masked = (_engine.NO_MASK, False) if mask is None else (mask.reshape(T * N, 1), True)
+        B = N if self.per_step else T * N
+        gamma2, beta2 = self.gamma.reshape(F, 1), self.beta.reshape(F, 1)
+        if not training:                       # step t >= max_steps: the last step's statistics
+            steps = np.minimum(np.arange(T), self.num_slots - 1) if self.per_step else [0]
+            mean = self.state["running_mean"][steps].astype(np.float64)
+            var = self.state["running_var"][steps].astype(np.float64)
+            count = np.zeros(mean.shape[0])
+            y = self._run_forward(x, x4, B, mask2, masked, out, mean, var, count,
+                                  _engine.APPLY_ONLY, gamma2, beta2)
+            return y, (x, x4, B, mean, var, count, mask2, masked, True), None
+        mean, var, count = self._statistics(x4, B, training)
+        y = self._run_forward(x, x4, B, mask2, masked, out, mean, var, count,
+                              _engine.STATS_AND_APPLY, gamma2, beta2)
 
-    def _backward(self, dy, x, training, saved):
-        kind, mask, mean, var = saved
-        if kind == "eval":
-            dx, dgamma, dbeta = _recurrent.backward_eval(dy, x, mask, self.gamma, mean, var, self.eps)
-        else:
-            dx, dgamma, dbeta = _recurrent.masked_backward(dy, x, mask, self.gamma, mean, var,
-                                                           self.eps, self.per_step)
+        def commit():
+            state = self.state
+            _engine.running_update(state["running_mean"], state["running_var"],
+                                   state["num_batches_tracked"], mean, var, count, self.momentum,
+                                   False, False)
+        return y, (x, x4, B, mean, var, count, mask2, masked, False), commit
+
+    def _backward(self, dy, saved, out):
+        F = self.num_features
+        dx, dgamma, dbeta = self._run_backward(dy, saved, out, self.gamma.reshape(F, 1),
+                                               frozen=saved[8])
         grads = {}
         if self.affine:
-            grads["gamma"] = dgamma
+            grads["gamma"] = dgamma[:, 0]
         if self.bias:
-            grads["beta"] = dbeta
+            grads["beta"] = dbeta[:, 0]
         return dx, grads
 
     def _describe(self):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import normkit
-from normkit.kernels import _core
+from normkit.kernels import _engine
 
 from cases import CASES
 
@@ -287,7 +288,7 @@ def test_large_inputs_repeat_exactly(name, shape, kwargs):
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32) * 2 + 1
     dy = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     num = shape[-1] if name == "layer" else shape[1]
-    assert x.size >= _core.PARALLEL_MIN_SIZE    # the parallel path
+    assert x.size >= _engine.PARALLEL_MIN_SIZE    # the parallel path
 
     def run():
         norm = normkit.make(name, num, **kwargs)
@@ -304,7 +305,7 @@ def test_large_inputs_repeat_exactly(name, shape, kwargs):
                                     ((8, 4, 4, 800), 1), ((1024, 100, 1, 1), 1024),
                                     ((1024, 100, 1, 1), 256)])
 @pytest.mark.parametrize("frozen", [False, True])
-def test_serial_and_parallel_twins_agree_bit_for_bit(view, B, frozen):
+def test_one_thread_and_two_threads_agree_bit_for_bit(view, B, frozen):
     """Each group is reduced by one thread in a fixed order, whatever the number of threads."""
     rng = np.random.default_rng(0)
     x4 = rng.standard_normal(view).astype(np.float32) + 3
@@ -313,14 +314,22 @@ def test_serial_and_parallel_twins_agree_bit_for_bit(view, B, frozen):
     V = view[0] // B
     gamma2 = rng.standard_normal((G, Cg)).astype(np.float32)
     beta2 = rng.standard_normal((G, Cg)).astype(np.float32)
+    assert x4.size >= _engine.PARALLEL_MIN_SIZE
     outputs = []
-    for forward, backward in [(_core._forward_serial, _core._backward_serial),
-                              (_core._forward_parallel, _core._backward_parallel)]:
-        y4, dx4 = np.empty_like(x4), np.empty_like(x4)
-        mean, var = np.empty((V, G)), np.empty((V, G))
-        forward(x4, B, gamma2, beta2, 1e-5, True, y4, mean, var, _core.STATS_AND_APPLY)
-        grads = backward(dy4, x4, B, gamma2, mean, var, 1e-5, True, frozen, dx4)
-        outputs.append((y4, mean, var, dx4, *grads))
+    threads = numba.get_num_threads()
+    try:
+        for n in (1, threads):
+            numba.set_num_threads(n)
+            y4, dx4 = np.empty_like(x4), np.empty_like(x4)
+            mean, var, count = np.empty((V, G)), np.empty((V, G)), np.empty(V)
+            dgamma, dbeta = np.empty((G, Cg)), np.empty((G, Cg))
+            _engine.forward(x4, B, gamma2, beta2, 1e-5, True, _engine.NO_MASK, False, y4, mean,
+                            var, count, _engine.STATS_AND_APPLY)
+            _engine.backward(dy4, x4, B, gamma2, mean, var, count, 1e-5, True, frozen,
+                             _engine.NO_MASK, False, dx4, dgamma, dbeta)
+            outputs.append((y4, mean, var, dx4, dgamma, dbeta))
+    finally:
+        numba.set_num_threads(threads)
     for a, b in zip(*outputs):
         np.testing.assert_array_equal(a, b)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import normkit
-from normkit.kernels import recurrent as kernels
+from normkit.kernels import _engine, batch
 from normkit.recurrent import mask_from_lengths
 from normkit.testing import check_norm, check_vjp
 
@@ -313,20 +313,26 @@ def test_grow_extends_the_statistics():
 
 
 def test_kernels_callable_directly():
-    """The functional kernels: per-step statistics (T, F) and a gradient to match."""
-    x = _sequence(4, 6, 3)
-    gamma, beta = np.full(3, 2.0), np.full(3, 0.5)
-    y, mean, var = kernels.forward_train(x, gamma, beta, EPS, True)
-    assert mean.shape == var.shape == (4, 3)
+    """Per-step batch norm as functional kernels: ghost batch norm on the (T*N, F) view with
+    virtual batches of N rows (per-step statistics (T, F)); masked, the engine itself."""
+    T, N, F = 4, 6, 3
+    x = _sequence(T, N, F)
+    gamma, beta = np.full(F, 2.0), np.full(F, 0.5)
+    y, mean, var = batch.ghost_forward_train(x.reshape(T * N, F), gamma, beta, EPS, N)
+    assert mean.shape == var.shape == (T, F)
     np.testing.assert_allclose(mean, x.mean(axis=1), rtol=1e-12)
-    np.testing.assert_allclose(y, (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + EPS)
-                               * 2.0 + 0.5, rtol=1e-10)
-    dx, dgamma, dbeta = kernels.backward(np.ones_like(x), x, gamma, mean, var, EPS, True)
+    np.testing.assert_allclose(y.reshape(x.shape), (x - x.mean(1, keepdims=True))
+                               / np.sqrt(x.var(1, keepdims=True) + EPS) * 2.0 + 0.5, rtol=1e-10)
+    dx, dgamma, dbeta = batch.ghost_backward(np.ones((T * N, F)), x.reshape(T * N, F), gamma, mean,
+                                             var, EPS, N)
     np.testing.assert_allclose(dx, 0, atol=1e-9)             # sum(y) is constant in x
     np.testing.assert_allclose(dbeta, 24.0)
-    mask = np.ones((4, 6), bool)
+    mask = np.ones((T, N), bool)
     mask[:, 0] = False
-    ym, mean_m, var_m, count = kernels.masked_forward_train(x, mask, gamma, beta, EPS, True)
+    mean_m, var_m, count = np.empty((T, F)), np.empty((T, F)), np.empty(T)
+    _engine.forward(x.reshape(T * N, F, 1, 1), N, gamma.reshape(F, 1), beta.reshape(F, 1), EPS,
+                    True, mask.reshape(T * N, 1), True, np.empty((T * N, F, 1, 1)), mean_m, var_m,
+                    count, _engine.STATS_AND_APPLY)
     np.testing.assert_array_equal(count, [5, 5, 5, 5])
     np.testing.assert_allclose(mean_m, x[:, 1:].mean(axis=1), rtol=1e-12)
 

@@ -31,9 +31,9 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
-import types
 
 import numba
+from numba.core import types as nbtypes
 
 _STRICT_FP = os.environ.get("NORMKIT_STRICT_FP", "") not in ("", "0")
 
@@ -59,32 +59,40 @@ _start_threads()
 REDUCTION_FASTMATH = frozenset() if _STRICT_FP else frozenset({"reassoc"})
 
 
-def jit(*, parallel: bool = False, reduction: bool = False, inline: bool = False):
-    """Decorator for normkit kernels: ``numba.njit`` with the package policy."""
+def _unliteral_call_template(dispatcher):
+    """Make ``dispatcher`` type its calls from other jitted code with plain types: a constant
+    argument (``True``, ``1``, a mode number) would otherwise be typed as a literal and compile
+    the callee, and everything it calls, once more for each value."""
+    generic = dispatcher.get_call_template
+
+    def get_call_template(args, kws):
+        return generic(tuple(nbtypes.unliteral(a) for a in args),
+                       {key: nbtypes.unliteral(value) for key, value in kws.items()})
+
+    dispatcher.get_call_template = get_call_template
+    return dispatcher
+
+
+def jit(*, parallel: bool = False, reduction: bool = False, inline: bool = False,
+        literals: bool = False):
+    """Decorator for normkit kernels: ``numba.njit`` with the package policy.
+
+    Compiled once per argument *types*: constants passed from jitted code are not specialized
+    on unless ``literals=True`` (a kernel whose speed depends on a compile-time flag).
+    """
     options = dict(cache=True, nogil=True, parallel=parallel, error_model="numpy")
     if reduction and REDUCTION_FASTMATH:
         options["fastmath"] = set(REDUCTION_FASTMATH)
     if inline:
         options["inline"] = "always"
-    return numba.njit(**options)
+    compile_ = numba.njit(**options)
 
-
-def serial_and_parallel(loop):
-    """Two compiled twins of one driver whose outer loop is ``prange``: (serial, parallel).
-
-    The serial twin runs on the calling thread (``prange`` acts as ``range``); callers pick it for
-    small inputs, where waking the thread pool costs more than the work. Each twin is compiled
-    from its own copy of the function under its own name, so their on-disk caches stay apart.
-    """
-    twins = []
-    for suffix, parallel in (("serial", False), ("parallel", True)):
-        clone = types.FunctionType(loop.__code__, loop.__globals__, f"{loop.__name__}_{suffix}",
-                                   loop.__defaults__, loop.__closure__)
-        clone.__qualname__ = f"{loop.__qualname__}_{suffix}"
-        clone.__module__ = loop.__module__
-        clone.__doc__ = loop.__doc__
-        twins.append(jit(parallel=parallel)(clone))
-    return tuple(twins)
+    def decorate(function):
+        dispatcher = compile_(function)
+        if literals or not isinstance(dispatcher, numba.core.dispatcher.Dispatcher):
+            return dispatcher                  # NUMBA_DISABLE_JIT=1: the plain function
+        return _unliteral_call_template(dispatcher)
+    return decorate
 
 
 def _jitted_sources(package: pathlib.Path) -> list[pathlib.Path]:

@@ -8,24 +8,43 @@ Layout as PyTorch: x is (N, C) or (N, C, *spatial), C-contiguous. Every function
 
 Statistics (mean, biased var) are float64 arrays of shape (C,); gamma and beta have the input's
 dtype and shape (C,); outputs have the input's dtype; dgamma/dbeta are float64. Nothing is
-validated here (the classes in ``normkit.norms`` do that) and nothing is mutated but an ``out=``
-array: the functions returning y or dx take ``out``, a C-contiguous array of x's shape and dtype
-to write it into (reusing one saves the page faults of a fresh large array); running
-statistics come back as new arrays from :func:`running_update`.
+mutated but an ``out=`` array (C-contiguous, x's shape and dtype) that the functions returning y
+or dx write into; running statistics come back as new arrays from :func:`running_update`.
+Shapes are checked (ValueError naming the argument); values are not. Each function is a thin
+wrapper naming the view of the statistics engine (:mod:`normkit.kernels._engine`).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from . import _core
+from . import _engine
 from ._jit import jit
 
 
 @jit()
 def _view(x):
-    """(N, C, *S) -> (N, C, 1, L): channels are the groups of the shared computation."""
+    """(N, C, *S) -> (N, C, 1, L): channels are the groups of the engine."""
     N, C = x.shape[0], x.shape[1]
     return x.reshape((N, C, 1, x.size // (N * C)))
+
+
+@jit()
+def _output(x, out):
+    """``out`` (checked: x's shape) or a new array like x."""
+    if out is None:
+        return np.empty_like(x)
+    if out.shape != x.shape:
+        raise ValueError("out must have the shape of x")
+    return out
+
+
+@jit()
+def _per_channel(name_is_gamma, a, C):
+    if a.size != C:
+        if name_is_gamma:
+            raise ValueError("gamma must have one value per channel (C,)")
+        raise ValueError("beta (or a statistic) must have one value per channel (C,)")
+    return a.reshape((C, 1))
 
 
 @jit()
@@ -35,9 +54,11 @@ def forward_train(x, gamma, beta, eps, out=None):
     y = (x - mean) / sqrt(var + eps) * gamma + beta, var biased, per channel over (N, *S).
     """
     C = x.shape[1]
-    y = _core.output_like(x, out)
-    _, mean, var = _core.forward_train(_view(x), x.shape[0], gamma.reshape((C, 1)),
-                                       beta.reshape((C, 1)), eps, True, _view(y))
+    y = _output(x, out)
+    mean, var, count = np.empty((1, C)), np.empty((1, C)), np.empty(1)
+    _engine.forward(_view(x), x.shape[0], _per_channel(True, gamma, C),
+                    _per_channel(False, beta, C), eps, True, _engine.NO_MASK, False, _view(y),
+                    mean, var, count, _engine.STATS_AND_APPLY)
     return y, mean[0], var[0]
 
 
@@ -49,26 +70,26 @@ def backward(dy, x, gamma, batch_mean, batch_var, eps, out=None):
     means per channel over (N, *S); dgamma = sum(dy * xhat); dbeta = sum(dy).
     """
     C = x.shape[1]
-    dx = _core.output_like(x, out)
-    _, dgamma2, dbeta2 = _core.backward(_view(dy), _view(x), x.shape[0], gamma.reshape((C, 1)),
-                                        batch_mean.reshape((1, C)), batch_var.reshape((1, C)),
-                                        eps, True, _view(dx))
-    return dx, dgamma2[:, 0].copy(), dbeta2[:, 0].copy()
-
-
-@jit()
-def _stats64(running_stat):
-    """(C,) running statistic -> (1, C) float64, the shape of batch statistics."""
-    return running_stat.astype(np.float64).reshape((1, running_stat.size))
+    dx = _output(x, out)
+    dgamma, dbeta = np.empty((C, 1)), np.empty((C, 1))
+    count = np.full(1, x.size / C)
+    _engine.backward(_view(dy), _view(x), x.shape[0], _per_channel(True, gamma, C),
+                     _per_channel(False, batch_mean, C).reshape((1, C)),
+                     _per_channel(False, batch_var, C).reshape((1, C)), count, eps, True, False,
+                     _engine.NO_MASK, False, _view(dx), dgamma, dbeta)
+    return dx, dgamma[:, 0].copy(), dbeta[:, 0].copy()
 
 
 @jit()
 def forward_eval(x, gamma, beta, running_mean, running_var, eps, out=None):
     """Normalize with given (running) statistics: y = (x - mean) / sqrt(var + eps) * gamma + beta."""
     C = x.shape[1]
-    y = _core.output_like(x, out)
-    _core.apply(_view(x), x.shape[0], _stats64(running_mean), _stats64(running_var), eps,
-                gamma.reshape((C, 1)), beta.reshape((C, 1)), _view(y))
+    y = _output(x, out)
+    mean = _per_channel(False, running_mean, C).astype(np.float64).reshape((1, C))
+    var = _per_channel(False, running_var, C).astype(np.float64).reshape((1, C))
+    _engine.forward(_view(x), x.shape[0], _per_channel(True, gamma, C),
+                    _per_channel(False, beta, C), eps, True, _engine.NO_MASK, False, _view(y),
+                    mean, var, np.empty(1), _engine.APPLY_ONLY)
     return y
 
 
@@ -79,11 +100,14 @@ def backward_eval(dy, x, gamma, running_mean, running_var, eps, out=None):
     dx = dy * gamma / sqrt(var + eps); dgamma = sum(dy * xhat); dbeta = sum(dy).
     """
     C = x.shape[1]
-    dx = _core.output_like(x, out)
-    _, dgamma2, dbeta2 = _core.backward_frozen(_view(dy), _view(x), gamma.reshape((C, 1)),
-                                               _stats64(running_mean), _stats64(running_var), eps,
-                                               _view(dx))
-    return dx, dgamma2[:, 0].copy(), dbeta2[:, 0].copy()
+    dx = _output(x, out)
+    dgamma, dbeta = np.empty((C, 1)), np.empty((C, 1))
+    mean = _per_channel(False, running_mean, C).astype(np.float64).reshape((1, C))
+    var = _per_channel(False, running_var, C).astype(np.float64).reshape((1, C))
+    _engine.backward(_view(dy), _view(x), x.shape[0], _per_channel(True, gamma, C), mean, var,
+                     np.full(1, x.size / C), eps, True, True, _engine.NO_MASK, False, _view(dx),
+                     dgamma, dbeta)
+    return dx, dgamma[:, 0].copy(), dbeta[:, 0].copy()
 
 
 @jit()
@@ -95,12 +119,15 @@ def running_update(running_mean, running_var, batch_mean, batch_var, count, mome
     weight of the new batch (PyTorch's convention; Keras' 0.99 is PyTorch's 0.01); a cumulative
     average is momentum = 1 / num_batches_tracked.
     """
-    new_mean = np.empty_like(running_mean)
-    new_var = np.empty_like(running_var)
-    correction = count / (count - 1.0)
-    for c in range(running_mean.size):
-        new_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * batch_mean[c]
-        new_var[c] = (1.0 - momentum) * running_var[c] + momentum * batch_var[c] * correction
+    C = running_mean.size
+    if running_var.size != C or batch_mean.size != C or batch_var.size != C:
+        raise ValueError("running_mean, running_var, batch_mean and batch_var must all be (C,)")
+    new_mean = running_mean.copy()
+    new_var = running_var.copy()
+    _engine.running_update(new_mean.reshape((1, C)), new_var.reshape((1, C)),
+                           np.zeros(1, np.int64), batch_mean.astype(np.float64).reshape((1, C)),
+                           batch_var.astype(np.float64).reshape((1, C)),
+                           np.full(1, np.float64(count)), momentum, False, False)
     return new_mean, new_var
 
 
@@ -111,10 +138,13 @@ def ghost_forward_train(x, gamma, beta, eps, virtual_batch_size, out=None):
     Returns (y, means, vars) with per-virtual-batch statistics (N // B, C), vars biased.
     """
     C = x.shape[1]
-    y = _core.output_like(x, out)
-    _, means, variances = _core.forward_train(_view(x), virtual_batch_size, gamma.reshape((C, 1)),
-                                              beta.reshape((C, 1)), eps, True, _view(y))
-    return y, means, variances
+    y = _output(x, out)
+    V = x.shape[0] // virtual_batch_size if virtual_batch_size > 0 else 0
+    mean, var, count = np.empty((V, C)), np.empty((V, C)), np.empty(V)
+    _engine.forward(_view(x), virtual_batch_size, _per_channel(True, gamma, C),
+                    _per_channel(False, beta, C), eps, True, _engine.NO_MASK, False, _view(y),
+                    mean, var, count, _engine.STATS_AND_APPLY)
+    return y, mean, var
 
 
 @jit()
@@ -122,68 +152,10 @@ def ghost_backward(dy, x, gamma, means, variances, eps, virtual_batch_size, out=
     """Gradient of :func:`ghost_forward_train`: batch norm's backward per virtual batch;
     dgamma and dbeta are summed over the virtual batches."""
     C = x.shape[1]
-    dx = _core.output_like(x, out)
-    _, dgamma2, dbeta2 = _core.backward(_view(dy), _view(x), virtual_batch_size,
-                                        gamma.reshape((C, 1)), means, variances, eps, True,
-                                        _view(dx))
-    return dx, dgamma2[:, 0].copy(), dbeta2[:, 0].copy()
-
-
-# ---------------------------------------------------------------------------------------------
-# Fused training step of the BatchNorm class: one call per direction, nothing returned but a
-# status code (every array returned to Python costs about a microsecond to box), outputs written
-# into arrays the caller owns.
-# ---------------------------------------------------------------------------------------------
-
-#: Status codes of :func:`train_forward_into`.
-OK, GAMMA_NOT_FINITE, BETA_NOT_FINITE = 0, 1, 2
-
-# Layout of the ``hyper`` array of :func:`train_forward_into` (float64).
-HYPER_EPS, HYPER_MOMENTUM, HYPER_CUMULATIVE, HYPER_TRACK = 0, 1, 2, 3
-
-
-@jit()
-def train_forward_into(x, gamma, beta, y, stats, running_mean, running_var, num_batches_tracked,
-                       hyper):
-    """Training forward with the running-statistics update fused in; returns a status code.
-
-    x, y (N, C, *S) C-contiguous, same dtype; gamma, beta (C,); stats (2, C) float64 receives
-    the batch mean and biased variance (what :func:`backward_into` needs); running_mean,
-    running_var (C,) and num_batches_tracked (0-d int64) are updated in place when
-    hyper[HYPER_TRACK] != 0, with momentum hyper[HYPER_MOMENTUM], or 1 / (tracked + 1) when
-    hyper[HYPER_CUMULATIVE] != 0 (the rule of :func:`running_update`); eps = hyper[HYPER_EPS].
-    Returns OK, or GAMMA_NOT_FINITE / BETA_NOT_FINITE before writing anything.
-    """
-    if not _core.all_finite(gamma):
-        return GAMMA_NOT_FINITE
-    if not _core.all_finite(beta):
-        return BETA_NOT_FINITE
-    C = x.shape[1]
-    mean = stats[0]                            # (C,) views of the caller's array
-    var = stats[1]
-    _core._forward(_view(x), x.shape[0], gamma.reshape((C, 1)), beta.reshape((C, 1)),
-                   hyper[HYPER_EPS], True, _view(y), mean.reshape((1, C)), var.reshape((1, C)),
-                   _core.STATS_AND_APPLY)
-    if hyper[HYPER_TRACK] != 0:
-        momentum = hyper[HYPER_MOMENTUM]
-        if hyper[HYPER_CUMULATIVE] != 0:
-            momentum = 1.0 / (num_batches_tracked[()] + 1)
-        correction = (x.size // C) / ((x.size // C) - 1.0)
-        for c in range(C):
-            running_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * mean[c]
-            running_var[c] = (1.0 - momentum) * running_var[c] + momentum * var[c] * correction
-        num_batches_tracked[()] += 1
-    return OK
-
-
-@jit()
-def backward_into(dy, x, gamma, stats, eps, dx, dgamma, dbeta):
-    """Gradient of :func:`train_forward_into`: dx into ``dx`` (x's shape), dgamma and dbeta
-    (C,) into ``dgamma``/``dbeta`` (rounded to their dtype); stats (2, C) as the forward wrote it."""
-    C = x.shape[1]
-    _, dgamma2, dbeta2 = _core._backward(_view(dy), _view(x), x.shape[0], gamma.reshape((C, 1)),
-                                         stats[0].reshape((1, C)), stats[1].reshape((1, C)), eps,
-                                         True, False, _view(dx))
-    for c in range(C):
-        dgamma[c] = dgamma2[c, 0]
-        dbeta[c] = dbeta2[c, 0]
+    dx = _output(x, out)
+    dgamma, dbeta = np.empty((C, 1)), np.empty((C, 1))
+    V = means.shape[0]
+    _engine.backward(_view(dy), _view(x), virtual_batch_size, _per_channel(True, gamma, C), means,
+                     variances, np.full(V, x.size / (C * max(V, 1))), eps, True, False,
+                     _engine.NO_MASK, False, _view(dx), dgamma, dbeta)
+    return dx, dgamma[:, 0].copy(), dbeta[:, 0].copy()

@@ -1,38 +1,10 @@
-"""Recurrent batch norm for sequences, and the fused LSTM kernels (plain, BN-LSTM, LN-LSTM).
+"""The fused LSTM kernels (plain, BN-LSTM, LN-LSTM) and the per-step norms inside them.
 
 Sequences are time-major and C-contiguous: x (T, N, F). A ``mask`` (T, N) bool marks the
 positions that hold data; padded positions (False) enter no statistics, get output 0 and
-gradient 0, whatever values they hold.
-
-Per-step batch norm (Cooijmans et al., 2017) keeps one set of statistics per *slot*::
-
-    per_step=True     slot t = step t: statistics over the (valid) rows of step t     stats (T, F)
-    per_step=False    one slot: statistics over all (valid) (t, n)                   stats (1, F)
-
-Evaluation with running statistics (S, F) normalizes step t with slot min(t, S - 1): beyond the
-S steps seen in training, with the statistics of the last one.
-
-Two implementations of training. :func:`forward_train` / :func:`backward` are ``_core``'s batch
-norm on the view (T*N, F, 1, 1) with the statistics batch B = N (per step) or T*N (shared):
-ghost batch norm whose virtual batches are the time steps. They take no mask, and ``_core``
-reads this layout column by column (~4x slower at T=784, N=100, F=400), so the ``Norm`` class
-uses the row-major masked kernels (all-True mask when there is none) and the tests hold the two
-against each other. Over the valid rows of a slot only (count of them: ``count``)::
-
-    mean = sum(x) / count      var = sum((x - mean)^2) / count      (float64, one pass of
-                                                                      shifted sums)
-    y    = (x - mean) * inv_std * gamma + beta                        (0 on padded rows)
-    dx   = gamma * inv_std * (dy - sum(dy) / count - xhat * sum(dy * xhat) / count)
-    dgamma = sum(dy * xhat)    dbeta = sum(dy)                        (valid rows only)
-
-With frozen (running) statistics the two sums drop out of dx: dx = gamma * inv_std * dy.
-
-Usage::
-
-    y, mean, var = recurrent.forward_train(x, gamma, beta, 1e-5, True)        # stats (T, F)
-    dx, dgamma, dbeta = recurrent.backward(dy, x, gamma, mean, var, 1e-5, True)
-    y, mean, var, count = recurrent.masked_forward_train(x, mask, gamma, beta, 1e-5, True)
-    y = recurrent.forward_eval(x, mask, gamma, beta, running_mean, running_var, 1e-5)
+gradient 0, whatever values they hold. The recurrent batch norm layer itself
+(``normkit.make("recurrent_batch", ...)``) runs on the statistics engine; what is here is the
+LSTM's own time loop, which the next step of the kernel core moves onto the engine too.
 
 The fused LSTM (:func:`lstm_forward`, :func:`lstm_backward`) is documented further down.
 """
@@ -40,8 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _core
-from . import batch as _batch
 from ._jit import jit
 
 #: Normalization of the recurrent term and of the cell in the fused LSTM kernels.
@@ -49,42 +19,8 @@ NORM_NONE, NORM_BATCH, NORM_LAYER = 0, 1, 2
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-step batch norm without a mask: _core on a view
-# ---------------------------------------------------------------------------------------------
-
-@jit()
-def _steps_view(x):
-    """(T, N, F) -> (T*N, F, 1, 1): features are the groups, time steps the virtual batches."""
-    T, N, F = x.shape
-    return x.reshape((T * N, F, 1, 1))
-
-
-@jit()
-def forward_train(x, gamma, beta, eps, per_step):
-    """Normalize x (T, N, F) with batch statistics per step (or shared): (y, mean, var).
-
-    mean, var: float64 (T, F) if per_step else (1, F); var is biased.
-    """
-    T, N, F = x.shape
-    B = N if per_step else T * N
-    y4, mean, var = _core.forward_train(_steps_view(x), B, gamma.reshape((F, 1)),
-                                        beta.reshape((F, 1)), eps, True)
-    return y4.reshape(x.shape), mean, var
-
-
-@jit()
-def backward(dy, x, gamma, mean, var, eps, per_step):
-    """Gradient of :func:`forward_train`: (dx, dgamma, dbeta), dgamma/dbeta float64 (F,)."""
-    T, N, F = x.shape
-    B = N if per_step else T * N
-    dx4, dgamma2, dbeta2 = _core.backward(_steps_view(dy), _steps_view(x), B, gamma.reshape((F, 1)),
-                                          mean, var, eps, True)
-    return dx4.reshape(x.shape), dgamma2[:, 0].copy(), dbeta2[:, 0].copy()
-
-
-# ---------------------------------------------------------------------------------------------
 # Masked batch norm over a block of steps x3 (K, N, F), mask2 (K, N): the pieces every masked
-# kernel and the fused LSTM share. Rows are read in memory order; per-feature sums are vectors.
+# step of the fused LSTM's non-fused path uses. Rows are read in memory order; per-feature sums are vectors.
 # ---------------------------------------------------------------------------------------------
 
 @jit(reduction=True)
@@ -194,133 +130,6 @@ def _inv_std(var, eps):
     for f in range(var.size):
         out[f] = 1.0 / np.sqrt(np.float64(var[f]) + eps)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Masked per-step batch norm on (T, N, F) (serial: the unmasked path is _core's parallel one)
-# ---------------------------------------------------------------------------------------------
-
-@jit()
-def masked_forward_train(x, mask, gamma, beta, eps, per_step):
-    """Batch norm of x (T, N, F) over the valid rows of each step (or of all steps):
-    (y, mean, var, count), stats float64 (S, F), count int64 (S,) with S = T or 1.
-
-    Padded positions get y = 0. A slot without valid rows gets mean = var = 0 and count 0.
-    """
-    T, N, F = x.shape
-    S = T if per_step else 1
-    K = 1 if per_step else T                   # steps per slot
-    y = np.empty_like(x)
-    mean = np.empty((S, F))
-    var = np.empty((S, F))
-    count = np.empty(S, np.int64)
-    for s in range(S):
-        block = slice(s * K, (s + 1) * K)
-        count[s] = _masked_moments(x[block], mask[block], mean[s], var[s])
-        _masked_apply(x[block], mask[block], mean[s], _inv_std(var[s], eps), gamma, beta, y[block])
-    return y, mean, var, count
-
-
-@jit()
-def _masked_backward_steps(dy, x, mask, gamma, mean, var, eps, batch_stats):
-    """dx, dgamma, dbeta over blocks of steps: one block of all T steps if a single slot of batch
-    statistics spans them, else block t = step t with slot min(t, S - 1)."""
-    T, N, F = x.shape
-    S = mean.shape[0]
-    K = T if (batch_stats and S == 1) else 1   # steps per block
-    blocks = T // K
-    dx = np.empty_like(x)
-    dgamma = np.zeros(F)
-    dbeta = np.zeros(F)
-    sum_dy = np.empty(F)
-    sum_dy_xhat = np.empty(F)
-    for j in range(blocks):
-        s = min(j, S - 1)
-        block = slice(j * K, (j + 1) * K)
-        _masked_backward_block(dy[block], x[block], mask[block], mean[s], _inv_std(var[s], eps),
-                               gamma, batch_stats, dx[block], sum_dy, sum_dy_xhat)
-        for f in range(F):
-            dgamma[f] += sum_dy_xhat[f]
-            dbeta[f] += sum_dy[f]
-    return dx, dgamma, dbeta
-
-
-@jit()
-def masked_backward(dy, x, mask, gamma, mean, var, eps, per_step):
-    """Gradient of :func:`masked_forward_train`: (dx, dgamma, dbeta); dx = 0 on padded rows.
-    (``per_step`` is implied by the shape of the statistics, (T, F) or (1, F).)"""
-    return _masked_backward_steps(dy, x, mask, gamma, mean, var, eps, True)
-
-
-@jit()
-def forward_eval(x, mask, gamma, beta, running_mean, running_var, eps):
-    """Normalize x (T, N, F) with running statistics (S, F): step t uses slot min(t, S - 1).
-    Padded positions get 0."""
-    T, N, F = x.shape
-    S = running_mean.shape[0]
-    y = np.empty_like(x)
-    for t in range(T):
-        s = min(t, S - 1)
-        mean = running_mean[s].astype(np.float64)
-        _masked_apply(x[t:t + 1], mask[t:t + 1], mean, _inv_std(running_var[s], eps), gamma, beta,
-                      y[t:t + 1])
-    return y
-
-
-@jit()
-def backward_eval(dy, x, mask, gamma, running_mean, running_var, eps):
-    """Gradient of :func:`forward_eval` (statistics constant): (dx, dgamma, dbeta)."""
-    return _masked_backward_steps(dy, x, mask, gamma, running_mean.astype(np.float64),
-                                  running_var.astype(np.float64), eps, False)
-
-
-# ---------------------------------------------------------------------------------------------
-# Running statistics
-# ---------------------------------------------------------------------------------------------
-
-@jit()
-def pool_steps(mean, var, count):
-    """Statistics of all steps together from per-step ones: (mean (1, F), var (1, F), count (1,)).
-
-    With c_t valid rows at step t: mean = sum c_t mean_t / C, var = sum c_t (var_t +
-    (mean_t - mean)^2) / C, C = sum c_t (biased variances, as batch norm over all steps).
-    """
-    S, F = mean.shape
-    total = 0
-    for s in range(S):
-        total += count[s]
-    pooled_mean = np.zeros((1, F))
-    pooled_var = np.zeros((1, F))
-    if total > 0:
-        for s in range(S):
-            for f in range(F):
-                pooled_mean[0, f] += count[s] * mean[s, f]
-        for f in range(F):
-            pooled_mean[0, f] /= total
-        for s in range(S):
-            for f in range(F):
-                dev = mean[s, f] - pooled_mean[0, f]
-                pooled_var[0, f] += count[s] * (var[s, f] + dev * dev)
-        for f in range(F):
-            pooled_var[0, f] /= total
-    pooled_count = np.full(1, total, np.int64)
-    return pooled_mean, pooled_var, pooled_count
-
-
-@jit()
-def running_update(running_mean, running_var, batch_mean, batch_var, count, momentum):
-    """New running statistics (S, F) after a batch with statistics (K, F), K <= S: slot s < K is
-    updated by batch norm's rule (``batch.running_update``: unbiased variance, ``momentum`` = the
-    weight of the new batch) when count[s] > 0; every other slot is copied unchanged."""
-    new_mean = running_mean.copy()
-    new_var = running_var.copy()
-    for s in range(batch_mean.shape[0]):
-        if count[s] > 0:
-            m, v = _batch.running_update(running_mean[s], running_var[s], batch_mean[s],
-                                         batch_var[s], count[s], momentum)
-            new_mean[s] = m
-            new_var[s] = v
-    return new_mean, new_var
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,7 +303,7 @@ def _stats_shape(kind, T, N, F):
     return (0, 0)
 
 
-@jit()
+@jit(literals=True)
 def _gates_step(t, rn, xn, b, mask, c, gates, fast):
     """a = rn + xn_t + b; gates[t] = (f, i, o, g); c[t+1] = f * c[t] + i * g (padded: c[t]).
     (Loops with one output stream each, so that LLVM vectorizes them.)"""
@@ -517,7 +326,7 @@ def _gates_step(t, rn, xn, b, mask, c, gates, fast):
             c_new[j] = g_row[j] * c_prev[j] + g_row[H + j] * g_row[3 * H + j]
 
 
-@jit()
+@jit(literals=True)
 def _output_step(t, cn, mask, gates, h, tanh_cn, fast):
     """h[t+1] = o * tanh(cn) on valid rows (tanh_cn[t] kept for BPTT), h[t] on padded rows."""
     N, H = cn.shape
@@ -633,7 +442,7 @@ def _frozen_statistics(t, frozen_mean, frozen_var, mean, var):
         var[t, f] = frozen_var[s, f]
 
 
-@jit(reduction=True)
+@jit(reduction=True, literals=True)
 def _fused_gates_step(t, r_t, xn_t, mask, center_h, scale_h, shift_h, c, gates, moments_c, shift,
                       sum_d, sum_d2, fast):
     """Pass B: a = (r_t - center_h) * scale_h + shift_h + xn_t (shift_h holding the bias b too);
@@ -667,7 +476,7 @@ def _fused_gates_step(t, r_t, xn_t, mask, center_h, scale_h, shift_h, c, gates, 
     return count
 
 
-@jit()
+@jit(literals=True)
 def _fused_output_step(t, c, mask, center_c, scale_c, shift_c, gates, h, tanh_cn, fast):
     """Pass C: h[t+1] = o * tanh(cn) and tanh_cn[t] on valid rows; padded rows carry h."""
     N, H = c.shape[1], c.shape[2]

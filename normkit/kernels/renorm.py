@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _core
-from .batch import _view
+from . import _engine
 from ._jit import jit
+from .batch import _output, _per_channel, _view
 
 
 @jit()
 def correction(batch_mean, batch_var, running_mean, running_var, eps, r_max, d_max):
     """The renorm correction (r, d), float64 (C,)."""
     C = batch_mean.size
+    if batch_var.size != C or running_mean.size != C or running_var.size != C:
+        raise ValueError("batch_mean, batch_var, running_mean and running_var must all be (C,)")
     r = np.empty(C)
     d = np.empty(C)
     for c in range(C):
@@ -39,16 +41,23 @@ def correction(batch_mean, batch_var, running_mean, running_var, eps, r_max, d_m
 def forward_train(x, gamma, beta, running_mean, running_var, eps, r_max, d_max, out=None):
     """Returns (y, batch_mean, batch_var, r, d); statistics and r, d float64 (C,).
 
-    ``out``: a C-contiguous array of x's shape and dtype to write y into (not checked)."""
+    ``out``: a C-contiguous array of x's shape and dtype to write y into."""
     C = x.shape[1]
     x4 = _view(x)
-    mean, var = _core.moments(x4, x.shape[0], True)
+    mean, var, count = np.empty((1, C)), np.empty((1, C)), np.empty(1)
+    gamma2, beta2 = _per_channel(True, gamma, C), _per_channel(False, beta, C)
+    y = _output(x, out)
+    y4 = _view(y)
+    _engine.forward(x4, x.shape[0], gamma2, beta2, eps, True, _engine.NO_MASK, False, y4, mean,
+                    var, count, _engine.STATS_ONLY)
     r, d = correction(mean[0], var[0], running_mean, running_var, eps, r_max, d_max)
-    gamma_r = (gamma * r).astype(gamma.dtype)
-    beta_d = (beta + gamma * d).astype(beta.dtype)
-    y = _core.output_like(x, out)
-    _core.apply(x4, x.shape[0], mean, var, eps, gamma_r.reshape((C, 1)), beta_d.reshape((C, 1)),
-                _view(y))
+    gamma_r = np.empty((C, 1), gamma.dtype)
+    beta_d = np.empty((C, 1), beta.dtype)
+    for c in range(C):
+        gamma_r[c, 0] = gamma[c] * r[c]
+        beta_d[c, 0] = beta[c] + gamma[c] * d[c]
+    _engine.forward(x4, x.shape[0], gamma_r, beta_d, eps, True, _engine.NO_MASK, False, y4, mean,
+                    var, count, _engine.APPLY_ONLY)
     return y, mean[0], var[0], r, d
 
 
@@ -56,11 +65,18 @@ def forward_train(x, gamma, beta, running_mean, running_var, eps, r_max, d_max, 
 def backward(dy, x, gamma, batch_mean, batch_var, r, d, eps, out=None):
     """Gradient of :func:`forward_train` with r, d held constant: (dx, dgamma, dbeta)."""
     C = x.shape[1]
-    gamma_r = (gamma * r).astype(gamma.dtype)
-    dx = _core.output_like(x, out)
-    _, dgamma2, dbeta2 = _core.backward(_view(dy), _view(x), x.shape[0], gamma_r.reshape((C, 1)),
-                                        batch_mean.reshape((1, C)), batch_var.reshape((1, C)),
-                                        eps, True, _view(dx))
+    if r.size != C or d.size != C:
+        raise ValueError("r and d must have one value per channel (C,)")
+    gamma_r = np.empty((C, 1), gamma.dtype)
+    for c in range(C):
+        gamma_r[c, 0] = _per_channel(True, gamma, C)[c, 0] * r[c]
+    dx = _output(x, out)
+    dgamma2, dbeta2 = np.empty((C, 1)), np.empty((C, 1))
+    _engine.backward(_view(dy), _view(x), x.shape[0], gamma_r,
+                     _per_channel(False, batch_mean, C).reshape((1, C)),
+                     _per_channel(False, batch_var, C).reshape((1, C)),
+                     np.full(1, x.size / C), eps, True, False, _engine.NO_MASK, False, _view(dx),
+                     dgamma2, dbeta2)
     dbeta = dbeta2[:, 0].copy()
     dgamma = r * dgamma2[:, 0] + d * dbeta
     return dx, dgamma, dbeta

@@ -1,0 +1,610 @@
+"""The statistics engine: one forward, one backward and one running-statistics update for every
+normalizer that reduces over axes (batch, ghost, renorm, recurrent, group, instance, layer, RMS).
+
+A norm is a view of its input and an integer ``B``; the engine never sees anything else::
+
+    x4: (N, G, K, L)  C-contiguous. Statistics per (v, g) over the rows n in [v*B, (v+1)*B) and
+                      all k, l; affine per channel (g, k): y = gamma2[g, k] * xhat + beta2[g, k]
+    mask2: (N, L)     bool, optional: False marks a padded position. It enters no statistic, its
+                      output is 0 and its gradient 0.
+    stats: (V, G)     float64 mean and biased variance, V = N // B; count (V,) valid values
+
+    batch          (N, C, *S) -> (N, C, 1, L)      B = N        stats (1, C)   mask (N, L)
+    batch axis=-1  (*R, C)    -> (R, C, 1, 1)      B = R        stats (1, C)   mask (R, 1)
+    ghost          (N, C, *S) -> (N, C, 1, L)      B = virtual  stats (N/B, C)
+    recurrent      (T, N, C)  -> (T*N, C, 1, 1)    B = N        stats (T, C)   mask (T*N, 1)
+    group          (N, C, *S) -> (N, G, C/G, L)    B = 1        stats (N, G)
+    group axis=-1  (N, *S, C) -> (N*S, G, C/G, 1)  B = S        stats (N, G)
+    layer / rms    (*R, *D)   -> (R, 1, D, 1)      B = 1        stats (R, 1)
+
+Forward, per group (v, g) with M valid values; everything in float64 whatever the input's
+dtype, rounded once when stored (so float32 neither overflows in x^2 near its maximum nor
+loses the spread to a large mean)::
+
+    shift = sum(x) / M                              (first pass: an estimate of the mean)
+    mean  = shift + sum(x - shift) / M              var = sum((x - shift)^2) / M - (mean - shift)^2
+    y     = (x - mean) * (gamma * inv_std) + beta   inv_std = 1 / sqrt(var + eps)
+
+``centered=False`` is RMS norm: mean = 0 and var = mean(x^2). Backward, with
+xhat = (x - mean) * inv_std and dxhat = gamma * dy::
+
+    dbeta  = sum dy                 dgamma = sum dy * xhat          (per channel, over n, l)
+    dx     = inv_std * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))     (group means)
+           = dy * (gamma * inv_std) + (x - mean) * c2 + c3
+             c2 = -inv_std^3 * sum(gamma dy (x - mean)) / M        c3 = -inv_std * sum(gamma dy) / M
+
+(RMS: c3 = 0. ``frozen``, statistics held constant as in evaluation mode: c2 = c3 = 0.)
+
+Two drivers share those formulas, one result per group whatever the number of threads (each
+group is reduced by one thread in a fixed order, so serial and parallel runs agree bit for bit):
+
+- *planes* (``K * L > 1`` or ``B == 1``): a work item is a group; each of its rows is one
+  contiguous run x4[n, g] of K * L values (a channel plane, a layer-norm row).
+- *columns* (``K * L == 1`` and ``B > 1``: batch norm of (N, C), channels-last, recurrent): a
+  channel's values are C apart, so an item takes a fixed chunk of whole rows (contiguous, every
+  channel) and computes each channel's count, mean and M2; the chunks of a row-group are merged
+  in chunk order (Chan et al.'s pairwise update). The chunk size depends on the shape only.
+
+Every driver takes its flags as runtime arguments, so each compiles once per dtype; a runtime
+``parallel`` flag picks ``prange`` or a plain loop over the same work items.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from ._jit import jit
+
+#: Inputs with fewer elements than this run on the calling thread only.
+PARALLEL_MIN_SIZE = 1 << 15
+
+#: The mask of an unmasked call (``masked=False``): never read.
+NO_MASK = np.ones((1, 1), np.bool_)
+
+# Forward modes.
+STATS_AND_APPLY = 0     # statistics, then y (training)
+STATS_ONLY = 1          # statistics only (batch renorm computes its correction in between)
+APPLY_ONLY = 2          # y with given statistics (evaluation, renorm)
+
+# Backward: dgamma/dbeta of the planes driver are summed per chunk of row-groups, then the
+# chunks are added in order: a fixed chunk count keeps the result independent of the threads.
+_MAX_CHUNKS = 64
+# Columns driver: a chunk of rows covers about this many bytes, so its passes find it in L2.
+_CHUNK_BYTES = 1 << 18
+_MERGE_BLOCK = 256      # channels per work item when merging chunk statistics
+
+# Driver phases: planes do everything in one; columns take three forward and two backward.
+_PLANES, _CHUNK_STATS, _MERGE, _ROWS_APPLY = 0, 1, 2, 3
+_ROWS_SUMS, _ROWS_DX = 1, 3
+
+
+@jit()
+def _chunk_rows(B, C, itemsize):
+    """Rows per chunk of the columns driver: about _CHUNK_BYTES, at least 8, at most B."""
+    return min(B, max(8, _CHUNK_BYTES // (C * itemsize)))
+
+
+@jit()
+def check_view(x4, B, mask2, masked, mean, var, count):
+    """Shape checks of the engine's arguments: raises ValueError naming the argument."""
+    N, G = x4.shape[0], x4.shape[1]
+    if B < 1 or N % B != 0:
+        raise ValueError("B (rows per statistics group) must be >= 1 and divide x's rows")
+    V = N // B
+    if mean.shape[0] != V or mean.shape[1] != G or var.shape[0] != V or var.shape[1] != G:
+        raise ValueError("mean and var must have shape (N // B, G)")
+    if count.shape[0] != V:
+        raise ValueError("count must have shape (N // B,)")
+    if masked and (mask2.shape[0] != N or mask2.shape[1] != x4.shape[3]):
+        raise ValueError("mask must have the shape of x without its channel axis")
+
+
+@jit()
+def count_valid(mask2, masked, B, K, L, count):
+    """count[v] = valid values per (v, g) group: B * K * L, or K * (valid positions)."""
+    for v in range(count.size):
+        if not masked:
+            count[v] = B * K * L
+            continue
+        total = 0
+        for n in range(v * B, (v + 1) * B):
+            for l in range(L):
+                total += mask2[n, l]
+        count[v] = K * total
+
+
+# ---------------------------------------------------------------------------------------------
+# Planes: one item per group (v, g), rows of K * L contiguous values
+# ---------------------------------------------------------------------------------------------
+
+@jit(reduction=True)
+def _plane_forward_item(s, x3, y3, B, K, L, gamma2, beta2, eps, centered, mask2, masked, mean,
+                        var, count, mode):
+    """Group s = v * G + g: statistics into mean[v, g], var[v, g] (two passes, see the module
+    docstring) and/or y = (x - mean) * gamma * inv_std + beta (0 where masked); x3, y3 (N, G, K*L)."""
+    G = x3.shape[1]
+    v, g = s // G, s % G
+    n0, n1 = v * B, (v + 1) * B
+    M = count[v]
+    if mode != APPLY_ONLY:
+        shift = 0.0                            # pass 1: the mean's first estimate
+        if centered and M > 0:
+            total = 0.0
+            for n in range(n0, n1):
+                row = x3[n, g]                 # (K * L,)
+                m = mask2[n]                   # (L,), read only if masked
+                for j in range(row.size):
+                    if not masked or m[j % L]:
+                        total += row[j]
+            shift = total / M
+        s1 = 0.0                               # pass 2: sums of d = x - shift and d^2
+        s2 = 0.0
+        for n in range(n0, n1):
+            row = x3[n, g]
+            m = mask2[n]
+            if masked:
+                for j in range(row.size):
+                    if m[j % L]:
+                        d = np.float64(row[j]) - shift
+                        s1 += d
+                        s2 += d * d
+            else:
+                for j in range(row.size):
+                    d = np.float64(row[j]) - shift
+                    s1 += d
+                    s2 += d * d
+        if M == 0:
+            mean[v, g], var[v, g] = 0.0, 0.0
+        elif centered:
+            mean_dev = s1 / M
+            mean[v, g], var[v, g] = shift + mean_dev, max(s2 / M - mean_dev * mean_dev, 0.0)
+        else:
+            mean[v, g], var[v, g] = 0.0, s2 / M
+    if mode == STATS_ONLY:
+        return
+    mu = mean[v, g]
+    inv_std = 1.0 / np.sqrt(var[v, g] + eps)
+    for n in range(n0, n1):
+        xs = x3[n, g]                          # (K * L,)
+        ys = y3[n, g]
+        if L == 1:                             # gamma per element of the row (layer norm)
+            for k in range(K):
+                ys[k] = (np.float64(xs[k]) - mu) * (inv_std * gamma2[g, k]) + beta2[g, k]
+        else:
+            for k in range(K):
+                scale = inv_std * gamma2[g, k]
+                b = np.float64(beta2[g, k])
+                for l in range(L):
+                    ys[k * L + l] = (np.float64(xs[k * L + l]) - mu) * scale + b
+        if masked:
+            m = mask2[n]
+            for j in range(ys.size):
+                if not m[j % L]:
+                    ys[j] = 0
+
+
+@jit(reduction=True)
+def _plane_backward_item(item, dy3, x3, dx3, B, K, L, gamma2, mean, var, count, eps, centered,
+                         frozen, mask2, masked, chunk_groups, part_dy, part_dy_dev):
+    """Groups (v, g) for v in chunk j = item // G: dx (0 where masked), and the chunk's partial
+    dbeta and dgamma per channel into part_dy[j, g], part_dy_dev[j, g] (K,)."""
+    G = x3.shape[1]
+    j, g = item // G, item % G
+    V = x3.shape[0] // B
+    sum_dy = np.empty(K)                       # (K,) this group's sums
+    sum_dy_dev = np.empty(K)
+    for v in range(j * chunk_groups, min((j + 1) * chunk_groups, V)):
+        n0, n1 = v * B, (v + 1) * B
+        mu = mean[v, g]
+        inv_std = 1.0 / np.sqrt(var[v, g] + eps)
+        for k in range(K):
+            sum_dy[k] = 0.0
+            sum_dy_dev[k] = 0.0
+        for n in range(n0, n1):                # sums of dy and dy * (x - mean), valid only
+            xs = x3[n, g]                      # (K * L,)
+            ds = dy3[n, g]
+            m = mask2[n]
+            if L == 1 and not masked:
+                for k in range(K):
+                    d = np.float64(ds[k])
+                    sum_dy[k] += d
+                    sum_dy_dev[k] += d * (np.float64(xs[k]) - mu)
+                continue
+            for k in range(K):
+                a = 0.0
+                b = 0.0
+                for l in range(L):
+                    if masked and not m[l]:
+                        continue                   # padding may hold anything, even NaN
+                    d = np.float64(ds[k * L + l])
+                    a += d
+                    b += d * (np.float64(xs[k * L + l]) - mu)
+                sum_dy[k] += a
+                sum_dy_dev[k] += b
+        total_dy = 0.0                         # sum over the group of gamma * dy
+        total_dy_dev = 0.0                     # ... of gamma * dy * (x - mean)
+        for k in range(K):
+            part_dy[j, g, k] += sum_dy[k]
+            part_dy_dev[j, g, k] += sum_dy_dev[k] * inv_std
+            total_dy += gamma2[g, k] * sum_dy[k]
+            total_dy_dev += gamma2[g, k] * sum_dy_dev[k]
+        c2 = 0.0
+        c3 = 0.0
+        if not frozen and count[v] > 0:
+            c2 = -inv_std * inv_std * inv_std * total_dy_dev / count[v]
+            if centered:
+                c3 = -inv_std * total_dy / count[v]
+        for n in range(n0, n1):                # dx = dy * gamma * inv_std + (x - mean) c2 + c3
+            xs = x3[n, g]
+            ds = dy3[n, g]
+            dxs = dx3[n, g]
+            if L == 1:
+                for k in range(K):
+                    dxs[k] = (np.float64(ds[k]) * (gamma2[g, k] * inv_std)
+                              + (np.float64(xs[k]) - mu) * c2 + c3)
+            else:
+                for k in range(K):
+                    c1 = gamma2[g, k] * inv_std
+                    for l in range(L):
+                        i = k * L + l
+                        dxs[i] = np.float64(ds[i]) * c1 + (np.float64(xs[i]) - mu) * c2 + c3
+            if masked:
+                m = mask2[n]
+                for i in range(dxs.size):
+                    if not m[i % L]:
+                        dxs[i] = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Columns: chunks of whole rows, every channel at once; x2 (N, C), C = G, K = L = 1
+# ---------------------------------------------------------------------------------------------
+
+@jit(reduction=True)
+def _rows_item(phase, s, x2, y2, B, R, J, mask2, masked, centered, chunk_count, chunk_mean,
+               chunk_m2, mean, scale, beta2):
+    """Chunk j of row-group v (s = v * J + j), rows r0:r1.
+
+    _CHUNK_STATS: each channel's valid row count, mean and M2 = sum((x - mean)^2) (sum(x^2) if
+    not centered) into chunk_count[v, j], chunk_mean[v, j], chunk_m2[v, j], in two passes.
+    _ROWS_APPLY: y = (x - mean[v]) * scale[v] + beta (0 in a masked row).
+    """
+    C = x2.shape[1]
+    v, j = s // J, s % J
+    r0 = v * B + j * R
+    r1 = min(r0 + R, (v + 1) * B)
+    if phase == _ROWS_APPLY:
+        mu = mean[v]                           # (C,)
+        sc = scale[v]
+        for n in range(r0, r1):
+            xr = x2[n]                         # (C,)
+            yr = y2[n]
+            if masked and not mask2[n, 0]:
+                for c in range(C):
+                    yr[c] = 0
+                continue
+            for c in range(C):
+                yr[c] = (np.float64(xr[c]) - mu[c]) * sc[c] + beta2[c, 0]
+        return
+    rows = r1 - r0
+    if masked:
+        rows = 0
+        for n in range(r0, r1):
+            if mask2[n, 0]:
+                rows += 1
+    chunk_count[v, j] = rows
+    shift = chunk_mean[v, j]                   # (C,) the chunk's first mean, then its mean
+    m2 = chunk_m2[v, j]
+    for c in range(C):
+        shift[c] = 0.0
+        m2[c] = 0.0
+    if rows == 0:
+        return
+    if centered:
+        for n in range(r0, r1):
+            if masked and not mask2[n, 0]:
+                continue
+            xr = x2[n]
+            for c in range(C):
+                shift[c] += xr[c]
+        for c in range(C):
+            shift[c] /= rows
+    s1 = np.zeros(C)
+    for n in range(r0, r1):
+        if masked and not mask2[n, 0]:
+            continue
+        xr = x2[n]
+        for c in range(C):
+            d = np.float64(xr[c]) - shift[c]
+            s1[c] += d
+            m2[c] += d * d
+    if centered:                               # mean = shift + mean(d), M2 = sum(d^2) - sum(d)^2/n
+        for c in range(C):
+            mean_dev = s1[c] / rows
+            shift[c] += mean_dev
+            m2[c] = max(m2[c] - s1[c] * mean_dev, 0.0)
+
+
+@jit()
+def _merge_chunks(s, blocks, J, chunk_count, chunk_mean, chunk_m2, mean, var):
+    """Channels of block b of row-group v (s = v * blocks + b): merge the chunks' (count, mean,
+    M2) in order j = 0, 1, ... (Chan et al.: with delta = mean_j - mean, mean += delta * n_j / n,
+    M2 += M2_j + delta^2 * n_prev * n_j / n), then var = M2 / count (biased)."""
+    C = mean.shape[1]
+    v, b = s // blocks, s % blocks
+    for c in range(b * _MERGE_BLOCK, min((b + 1) * _MERGE_BLOCK, C)):
+        n = 0.0
+        m = 0.0
+        m2 = 0.0
+        for j in range(J):
+            n_j = chunk_count[v, j]
+            if n_j == 0:
+                continue
+            total = n + n_j
+            delta = chunk_mean[v, j, c] - m
+            m += delta * (n_j / total)
+            m2 += chunk_m2[v, j, c] + delta * delta * (n * n_j / total)
+            n = total
+        mean[v, c] = m
+        var[v, c] = m2 / n if n > 0 else 0.0
+
+
+@jit()
+def _rows_coefficients(gamma2, var, count, eps, centered, frozen, chunk_dy, chunk_dy_dev,
+                       coefficients):
+    """dx = dy * c1 + (x - mean) * c2 + c3 per (v, c): coefficients[0..2] (V, C) from the
+    chunk sums chunk_dy, chunk_dy_dev (V, J, C) of dy and dy * (x - mean), added in order."""
+    V, J, C = chunk_dy.shape
+    for v in range(V):
+        for c in range(C):
+            s_dy = 0.0
+            s_dy_dev = 0.0
+            for j in range(J):
+                s_dy += chunk_dy[v, j, c]
+                s_dy_dev += chunk_dy_dev[v, j, c]
+            inv_std = 1.0 / np.sqrt(var[v, c] + eps)
+            gamma = np.float64(gamma2[c, 0])
+            coefficients[0, v, c] = gamma * inv_std
+            coefficients[1, v, c] = 0.0
+            coefficients[2, v, c] = 0.0
+            if not frozen and count[v] > 0:
+                coefficients[1, v, c] = -inv_std * inv_std * inv_std * gamma * s_dy_dev / count[v]
+                if centered:
+                    coefficients[2, v, c] = -inv_std * gamma * s_dy / count[v]
+
+
+@jit(reduction=True)
+def _rows_backward_item(phase, s, dy2, x2, dx2, B, R, J, mask2, masked, mean, chunk_dy,
+                        chunk_dy_dev, coefficients):
+    """Chunk j of row-group v (s = v * J + j), rows r0:r1, valid rows only.
+
+    _ROWS_SUMS: sum(dy) and sum(dy * (x - mean)) per channel into chunk_dy[v, j],
+    chunk_dy_dev[v, j]. _ROWS_DX: dx = dy * c1 + (x - mean) * c2 + c3 (0 in a masked row).
+    """
+    C = x2.shape[1]
+    v, j = s // J, s % J
+    r0 = v * B + j * R
+    r1 = min(r0 + R, (v + 1) * B)
+    mu = mean[v]                               # (C,)
+    if phase == _ROWS_DX:
+        c1, c2, c3 = coefficients[0, v], coefficients[1, v], coefficients[2, v]
+        for n in range(r0, r1):
+            xr = x2[n]                         # (C,)
+            dr = dy2[n]
+            dxr = dx2[n]
+            if masked and not mask2[n, 0]:
+                for c in range(C):
+                    dxr[c] = 0
+                continue
+            for c in range(C):
+                dxr[c] = np.float64(dr[c]) * c1[c] + (np.float64(xr[c]) - mu[c]) * c2[c] + c3[c]
+        return
+    s_dy = chunk_dy[v, j]                      # (C,)
+    s_dy_dev = chunk_dy_dev[v, j]
+    for c in range(C):
+        s_dy[c] = 0.0
+        s_dy_dev[c] = 0.0
+    for n in range(r0, r1):
+        if masked and not mask2[n, 0]:
+            continue
+        xr = x2[n]
+        dr = dy2[n]
+        for c in range(C):
+            d = np.float64(dr[c])
+            s_dy[c] += d
+            s_dy_dev[c] += d * (np.float64(xr[c]) - mu[c])
+
+
+# ---------------------------------------------------------------------------------------------
+# Drivers: each runs its work items in phases through one loop, ``prange`` for large inputs.
+# ---------------------------------------------------------------------------------------------
+
+@jit(parallel=True)
+def forward(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, count, mode):
+    """Statistics of every group into mean, var (V, G) float64 and count (V,) (unless
+    mode == APPLY_ONLY: then mean, var are given), and/or y4 = the normalized output.
+
+    x4, y4 (N, G, K, L) C-contiguous, same dtype; gamma2, beta2 (G, K); mask2 (N, L) bool read
+    only if ``masked``. Runs in parallel when x4 is large.
+    """
+    N, G, K, L = x4.shape
+    check_view(x4, B, mask2, masked, mean, var, count)
+    if gamma2.shape[0] != G or gamma2.shape[1] != K or beta2.shape[0] != G or beta2.shape[1] != K:
+        raise ValueError("gamma and beta must have one value per channel (G, K)")
+    if y4.shape != x4.shape:
+        raise ValueError("out must have the shape of x")
+    count_valid(mask2, masked, B, K, L, count)
+    parallel = x4.size >= PARALLEL_MIN_SIZE
+    V = N // B
+    columns = K * L == 1 and B > 1
+    x3 = x4.reshape((N, G, K * L))
+    y3 = y4.reshape((N, G, K * L))
+    x2 = x4.reshape((N, G * K * L))            # rows of the columns driver: (N, C)
+    y2 = y4.reshape((N, G * K * L))
+    R = _chunk_rows(B, G, x4.itemsize) if columns else 1
+    J = (B + R - 1) // R
+    blocks = (G + _MERGE_BLOCK - 1) // _MERGE_BLOCK
+    W = G if columns else 0
+    chunk_count = np.empty((V, J))             # (V, J) valid rows of each chunk
+    chunk_mean = np.empty((V, J, W))           # (V, J, C) per-chunk statistics
+    chunk_m2 = np.empty((V, J, W))
+    scale = np.empty((V, W))                   # (V, C) gamma * inv_std
+    if not columns:
+        first, last = _PLANES, _PLANES
+    else:
+        first = _ROWS_APPLY if mode == APPLY_ONLY else _CHUNK_STATS
+        last = _MERGE if mode == STATS_ONLY else _ROWS_APPLY
+    for phase in range(first, last + 1):
+        if phase == _ROWS_APPLY:
+            for v in range(V):
+                for c in range(G):
+                    scale[v, c] = gamma2[c, 0] / np.sqrt(var[v, c] + eps)
+        items = V * G if phase == _PLANES else V * blocks if phase == _MERGE else V * J
+        if parallel:
+            for item in prange(items):
+                s = np.int64(item)
+                if phase == _PLANES:
+                    _plane_forward_item(s, x3, y3, B, K, L, gamma2, beta2, eps, centered, mask2,
+                                        masked, mean, var, count, mode)
+                elif phase == _MERGE:
+                    _merge_chunks(s, blocks, J, chunk_count, chunk_mean, chunk_m2, mean, var)
+                else:
+                    _rows_item(phase, s, x2, y2, B, R, J, mask2, masked, centered, chunk_count,
+                               chunk_mean, chunk_m2, mean, scale, beta2)
+        else:
+            for s in range(items):
+                if phase == _PLANES:
+                    _plane_forward_item(s, x3, y3, B, K, L, gamma2, beta2, eps, centered, mask2,
+                                        masked, mean, var, count, mode)
+                elif phase == _MERGE:
+                    _merge_chunks(s, blocks, J, chunk_count, chunk_mean, chunk_m2, mean, var)
+                else:
+                    _rows_item(phase, s, x2, y2, B, R, J, mask2, masked, centered, chunk_count,
+                               chunk_mean, chunk_m2, mean, scale, beta2)
+
+
+@jit(parallel=True)
+def backward(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2, masked, dx4,
+             dgamma2, dbeta2):
+    """Gradient of :func:`forward`: dx into dx4, dgamma and dbeta (G, K) float64 into
+    dgamma2, dbeta2 (overwritten). mean, var (V, G) and count (V,) as forward wrote them;
+    ``frozen``: the statistics are constants (evaluation mode)."""
+    N, G, K, L = x4.shape
+    check_view(x4, B, mask2, masked, mean, var, count)
+    if dy4.shape != x4.shape or dx4.shape != x4.shape:
+        raise ValueError("dy and out must have the shape of x")
+    if gamma2.shape[0] != G or gamma2.shape[1] != K:
+        raise ValueError("gamma must have one value per channel (G, K)")
+    if (dgamma2.shape[0] != G or dgamma2.shape[1] != K or dbeta2.shape[0] != G
+            or dbeta2.shape[1] != K):
+        raise ValueError("dgamma and dbeta must have shape (G, K)")
+    parallel = x4.size >= PARALLEL_MIN_SIZE
+    V = N // B
+    columns = K * L == 1 and B > 1
+    x3 = x4.reshape((N, G, K * L))
+    dy3 = dy4.reshape((N, G, K * L))
+    dx3 = dx4.reshape((N, G, K * L))
+    x2 = x4.reshape((N, G * K * L))            # rows of the columns driver: (N, C)
+    dy2 = dy4.reshape((N, G * K * L))
+    dx2 = dx4.reshape((N, G * K * L))
+    R = _chunk_rows(B, G, x4.itemsize) if columns else 1
+    J = (B + R - 1) // R
+    # planes: (chunks, G, K) partial sums per chunk of row-groups; columns: (V, J, C) per chunk
+    chunks = min(V, _MAX_CHUNKS)
+    P0, P1, P2 = (V, J, G) if columns else (chunks, G, K)
+    part_dy = np.zeros((P0, P1, P2))
+    part_dy_dev = np.zeros((P0, P1, P2))
+    W = G if columns else 0
+    coefficients = np.empty((3, V, W))         # columns: dx's c1, c2, c3 (V, C)
+    first, last = (_ROWS_SUMS, _ROWS_DX) if columns else (_PLANES, _PLANES)
+    for phase in range(first, last + 1, 2):
+        if phase == _ROWS_DX:
+            _rows_coefficients(gamma2, var, count, eps, centered, frozen, part_dy, part_dy_dev,
+                               coefficients)
+        items = chunks * G if phase == _PLANES else V * J
+        if parallel:
+            for item in prange(items):
+                s = np.int64(item)
+                if phase == _PLANES:
+                    _plane_backward_item(s, dy3, x3, dx3, B, K, L, gamma2, mean, var, count, eps,
+                                         centered, frozen, mask2, masked, (V + chunks - 1) // chunks,
+                                         part_dy, part_dy_dev)
+                else:
+                    _rows_backward_item(phase, s, dy2, x2, dx2, B, R, J, mask2, masked, mean,
+                                        part_dy, part_dy_dev, coefficients)
+        else:
+            for s in range(items):
+                if phase == _PLANES:
+                    _plane_backward_item(s, dy3, x3, dx3, B, K, L, gamma2, mean, var, count, eps,
+                                         centered, frozen, mask2, masked, (V + chunks - 1) // chunks,
+                                         part_dy, part_dy_dev)
+                else:
+                    _rows_backward_item(phase, s, dy2, x2, dx2, B, R, J, mask2, masked, mean,
+                                        part_dy, part_dy_dev, coefficients)
+    for g in range(G):
+        for k in range(K):
+            dbeta2[g, k] = 0.0
+            dgamma2[g, k] = 0.0
+    if columns:                                # sums of each row-group, chunks in order
+        for v in range(V):
+            for c in range(G):
+                inv_std = 1.0 / np.sqrt(var[v, c] + eps)
+                for j in range(J):
+                    dbeta2[c, 0] += part_dy[v, j, c]
+                    dgamma2[c, 0] += part_dy_dev[v, j, c] * inv_std
+        return
+    for j in range(chunks):
+        for g in range(G):
+            for k in range(K):
+                dbeta2[g, k] += part_dy[j, g, k]
+                dgamma2[g, k] += part_dy_dev[j, g, k]
+
+
+@jit()
+def running_update(running_mean, running_var, tracked, mean, var, count, momentum, cumulative,
+                   pooled):
+    """Update running statistics in place (PyTorch's rule) from the batch statistics of
+    :func:`forward`: new = (1 - m) * old + m * batch, the variance unbiased
+    (var * count / (count - 1)); m = ``momentum`` (the weight of the new batch, as in PyTorch),
+    or 1 / (tracked + 1) when ``cumulative``.
+
+    running_mean, running_var (S, G) any float dtype; tracked (S,) int64; mean, var (V, G),
+    count (V,). ``pooled=False``: slot v takes group v (v < min(V, S); a group with no valid
+    value leaves its slot alone). ``pooled=True`` (ghost batch norm): slot 0 takes the mean over
+    the groups of their means and of their unbiased variances.
+    """
+    S, G = running_mean.shape
+    V = mean.shape[0]
+    if (running_var.shape[0] != S or running_var.shape[1] != G or tracked.shape[0] != S
+            or mean.shape[1] != G or var.shape[0] != V or var.shape[1] != G
+            or count.shape[0] != V):
+        raise ValueError("running statistics (S, G), tracked (S,), mean and var (V, G) and "
+                         "count (V,) must agree")
+    slots = 1 if pooled else min(V, S)
+    for s in range(slots):
+        if not pooled and count[s] == 0:
+            continue
+        m = 1.0 / (tracked[s] + 1) if cumulative else momentum
+        for c in range(G):
+            if pooled:
+                batch_mean = 0.0
+                batch_var = 0.0
+                for v in range(V):
+                    batch_mean += mean[v, c]
+                    batch_var += var[v, c] * count[v] / (count[v] - 1.0)
+                batch_mean /= V
+                batch_var /= V
+            else:
+                batch_mean = mean[s, c]
+                batch_var = var[s, c] * count[s] / (count[s] - 1.0)
+            running_mean[s, c] = (1.0 - m) * running_mean[s, c] + m * batch_mean
+            running_var[s, c] = (1.0 - m) * running_var[s, c] + m * batch_var
+        tracked[s] += 1
+
+
+@jit(reduction=True)
+def all_finite(a):
+    """Whether every value of the 1-D array ``a`` is finite (x * 0 is NaN for NaN and inf)."""
+    total = 0.0
+    for k in range(a.size):
+        total += a[k] * 0.0
+    return np.isfinite(total)
