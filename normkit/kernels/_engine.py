@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import numpy as np
 from numba import prange
+from numba.extending import overload
 
 from ._jit import jit
 
@@ -73,9 +74,35 @@ _MAX_CHUNKS = 64
 _CHUNK_BYTES = 1 << 18
 _MERGE_BLOCK = 256      # channels per work item when merging chunk statistics
 
+# The fast loops sum blocks of this many values (planes) or rows (columns) in the input's dtype
+# (SIMD lanes of float32 for float32 data), then add the block sums in float64. A block whose
+# float32 sum overflows (|x| near the float32 maximum) sends its group to the exact float64 loops.
+_BLOCK = 512
+_ROW_BLOCK = 64
+
 # Driver phases: planes do everything in one; columns take three forward and two backward.
 _PLANES, _CHUNK_STATS, _MERGE, _ROWS_APPLY = 0, 1, 2, 3
 _ROWS_SUMS, _ROWS_DX = 1, 3
+
+
+def _cast_like(a, value):
+    """``value`` as a scalar of ``a``'s dtype."""
+    return a.dtype.type(value)
+
+
+@overload(_cast_like)
+def _cast_like_jit(a, value):
+    dtype = a.dtype
+    return lambda a, value: dtype(value)
+
+
+@jit()
+def _extreme(x, mean, var, count):
+    """Whether x - mean may overflow x's dtype for values of this group (|mean| + the largest
+    possible deviation, sqrt(count * var), beyond half the float32 maximum): such groups take
+    the float64 loops."""
+    limit = 1.7e38 if x.itemsize == 4 else 8.9e307
+    return abs(mean) + np.sqrt(var * max(count, 1.0)) > limit
 
 
 @jit()
@@ -127,32 +154,70 @@ def _plane_forward_item(s, x3, y3, B, K, L, gamma2, beta2, eps, centered, mask2,
     n0, n1 = v * B, (v + 1) * B
     M = count[v]
     if mode != APPLY_ONLY:
-        shift = 0.0                            # pass 1: the mean's first estimate
-        if centered and M > 0:
-            total = 0.0
+        exact = masked or M == 0
+        if not exact:                          # blocks summed in x's dtype, then in float64
+            shift = 0.0
+            if centered:
+                total = 0.0
+                for n in range(n0, n1):
+                    row = x3[n, g]             # (K * L,)
+                    for b0 in range(0, row.size, _BLOCK):
+                        block = row[b0:b0 + _BLOCK]
+                        acc = _cast_like(row, 0.0)
+                        for j in range(block.size):
+                            acc += block[j]
+                        total += acc
+                shift = total / M
+            shift_hi = _cast_like(x3, shift)   # x - shift_hi is exact near the mean
+            s1 = 0.0
+            s2 = 0.0
             for n in range(n0, n1):
-                row = x3[n, g]                 # (K * L,)
-                m = mask2[n]                   # (L,), read only if masked
-                for j in range(row.size):
-                    if not masked or m[j % L]:
-                        total += row[j]
-            shift = total / M
-        s1 = 0.0                               # pass 2: sums of d = x - shift and d^2
-        s2 = 0.0
-        for n in range(n0, n1):
-            row = x3[n, g]
-            m = mask2[n]
-            if masked:
-                for j in range(row.size):
-                    if m[j % L]:
+                row = x3[n, g]
+                for b0 in range(0, row.size, _BLOCK):
+                    block = row[b0:b0 + _BLOCK]
+                    a1 = _cast_like(row, 0.0)
+                    a2 = _cast_like(row, 0.0)
+                    for j in range(block.size):
+                        d = block[j] - shift_hi
+                        a1 += d
+                        a2 += d * d
+                    s1 += a1
+                    s2 += a2
+            exact = not np.isfinite(s1 + s2)   # overflow in x's dtype (or NaN in x)
+            shift = np.float64(shift_hi)
+        if exact:                              # float64 throughout; masked positions skipped
+            shift = 0.0                        # pass 1: the mean's first estimate
+            if centered and M > 0:
+                total = 0.0
+                for n in range(n0, n1):
+                    row = x3[n, g]             # (K * L,)
+                    if masked:
+                        m = mask2[n]           # (L,)
+                        for k in range(K):
+                            for l in range(L):
+                                if m[l]:
+                                    total += row[k * L + l]
+                    else:
+                        for j in range(row.size):
+                            total += row[j]
+                shift = total / M
+            s1 = 0.0                           # pass 2: sums of d = x - shift and d^2
+            s2 = 0.0
+            for n in range(n0, n1):
+                row = x3[n, g]
+                if masked:
+                    m = mask2[n]
+                    for k in range(K):
+                        for l in range(L):
+                            if m[l]:
+                                d = np.float64(row[k * L + l]) - shift
+                                s1 += d
+                                s2 += d * d
+                else:
+                    for j in range(row.size):
                         d = np.float64(row[j]) - shift
                         s1 += d
                         s2 += d * d
-            else:
-                for j in range(row.size):
-                    d = np.float64(row[j]) - shift
-                    s1 += d
-                    s2 += d * d
         if M == 0:
             mean[v, g], var[v, g] = 0.0, 0.0
         elif centered:
@@ -162,25 +227,43 @@ def _plane_forward_item(s, x3, y3, B, K, L, gamma2, beta2, eps, centered, mask2,
             mean[v, g], var[v, g] = 0.0, s2 / M
     if mode == STATS_ONLY:
         return
+    # y = (x - mean_hi) * scale + shift in x's dtype: mean_hi is the mean rounded to x's dtype
+    # (x - mean_hi exact near the mean), its rounding error goes into shift in float64.
     mu = mean[v, g]
     inv_std = 1.0 / np.sqrt(var[v, g] + eps)
+    mean_hi = _cast_like(x3, mu)
+    mean_lo = mu - np.float64(mean_hi)
+    inv = _cast_like(x3, inv_std)
+    lo = _cast_like(x3, -mean_lo * inv_std)
+    extreme = _extreme(x3, mu, var[v, g], M)
     for n in range(n0, n1):
         xs = x3[n, g]                          # (K * L,)
         ys = y3[n, g]
-        if L == 1:                             # gamma per element of the row (layer norm)
+        if extreme:                            # x - mean could overflow x's dtype: float64
             for k in range(K):
-                ys[k] = (np.float64(xs[k]) - mu) * (inv_std * gamma2[g, k]) + beta2[g, k]
+                scale64 = inv_std * gamma2[g, k]
+                for l in range(L):
+                    ys[k * L + l] = (np.float64(xs[k * L + l]) - mu) * scale64 + beta2[g, k]
+        elif L == 1:                           # gamma per element of the row (layer norm)
+            gamma = gamma2[g]                  # (K,)
+            beta = beta2[g]
+            for k in range(K):
+                ys[k] = ((xs[k] - mean_hi) * inv + lo) * gamma[k] + beta[k]
         else:
             for k in range(K):
-                scale = inv_std * gamma2[g, k]
-                b = np.float64(beta2[g, k])
+                scale64 = inv_std * gamma2[g, k]
+                scale = _cast_like(x3, scale64)
+                shift = _cast_like(x3, beta2[g, k] - mean_lo * scale64)
+                xk = xs[k * L:(k + 1) * L]     # (L,)
+                yk = ys[k * L:(k + 1) * L]
                 for l in range(L):
-                    ys[k * L + l] = (np.float64(xs[k * L + l]) - mu) * scale + b
+                    yk[l] = (xk[l] - mean_hi) * scale + shift
         if masked:
             m = mask2[n]
-            for j in range(ys.size):
-                if not m[j % L]:
-                    ys[j] = 0
+            for k in range(K):
+                for l in range(L):
+                    if not m[l]:
+                        ys[k * L + l] = 0
 
 
 @jit(reduction=True)
@@ -191,68 +274,119 @@ def _plane_backward_item(item, dy3, x3, dx3, B, K, L, gamma2, mean, var, count, 
     G = x3.shape[1]
     j, g = item // G, item % G
     V = x3.shape[0] // B
-    sum_dy = np.empty(K)                       # (K,) this group's sums
-    sum_dy_dev = np.empty(K)
+    sum_dy = part_dy[j, g]                     # (K,) this chunk's sums, added to per group
+    sum_dy_dev = part_dy_dev[j, g]
+    group_dy = np.empty(K)                     # (K,) one group's sums
+    group_dy_dev = np.empty(K)
     for v in range(j * chunk_groups, min((j + 1) * chunk_groups, V)):
         n0, n1 = v * B, (v + 1) * B
         mu = mean[v, g]
         inv_std = 1.0 / np.sqrt(var[v, g] + eps)
-        for k in range(K):
-            sum_dy[k] = 0.0
-            sum_dy_dev[k] = 0.0
-        for n in range(n0, n1):                # sums of dy and dy * (x - mean), valid only
-            xs = x3[n, g]                      # (K * L,)
-            ds = dy3[n, g]
-            m = mask2[n]
-            if L == 1 and not masked:
-                for k in range(K):
-                    d = np.float64(ds[k])
-                    sum_dy[k] += d
-                    sum_dy_dev[k] += d * (np.float64(xs[k]) - mu)
-                continue
+        mean_hi = _cast_like(x3, mu)
+        mean_lo = mu - np.float64(mean_hi)
+        extreme = masked or _extreme(x3, mu, var[v, g], count[v])
+        if extreme or L > 1:
             for k in range(K):
-                a = 0.0
-                b = 0.0
-                for l in range(L):
-                    if masked and not m[l]:
-                        continue                   # padding may hold anything, even NaN
-                    d = np.float64(ds[k * L + l])
-                    a += d
-                    b += d * (np.float64(xs[k * L + l]) - mu)
-                sum_dy[k] += a
-                sum_dy_dev[k] += b
+                group_dy[k] = 0.0
+                group_dy_dev[k] = 0.0
         total_dy = 0.0                         # sum over the group of gamma * dy
         total_dy_dev = 0.0                     # ... of gamma * dy * (x - mean)
-        for k in range(K):
-            part_dy[j, g, k] += sum_dy[k]
-            part_dy_dev[j, g, k] += sum_dy_dev[k] * inv_std
-            total_dy += gamma2[g, k] * sum_dy[k]
-            total_dy_dev += gamma2[g, k] * sum_dy_dev[k]
+        if not extreme and L == 1:             # one pass, float64: per-element sums, totals
+            gamma = gamma2[g]                  # (K,)
+            for n in range(n0, n1):
+                xs = x3[n, g]                  # (K,)
+                ds = dy3[n, g]
+                for k in range(K):
+                    d = np.float64(ds[k])
+                    dev = d * (np.float64(xs[k]) - mu)
+                    sum_dy[k] += d
+                    sum_dy_dev[k] += dev * inv_std
+                    total_dy += gamma[k] * d
+                    total_dy_dev += gamma[k] * dev
+        elif not extreme:                      # blocks in x's dtype: sum(dy), sum(dy (x - mean_hi))
+            for n in range(n0, n1):
+                xs = x3[n, g]                  # (K * L,)
+                ds = dy3[n, g]
+                for k in range(K):
+                    for b0 in range(k * L, (k + 1) * L, _BLOCK):
+                        b1 = min(b0 + _BLOCK, (k + 1) * L)
+                        xb = xs[b0:b1]
+                        db = ds[b0:b1]
+                        a = _cast_like(xs, 0.0)
+                        b = _cast_like(xs, 0.0)
+                        for i in range(xb.size):
+                            a += db[i]
+                            b += db[i] * (xb[i] - mean_hi)
+                        group_dy[k] += a
+                        group_dy_dev[k] += b
+            for k in range(K):                 # sum(dy (x - mean)) from the one about mean_hi
+                if L > 1:
+                    group_dy_dev[k] -= mean_lo * group_dy[k]
+                if not np.isfinite(group_dy_dev[k] + group_dy[k]):
+                    extreme = True             # overflow in x's dtype (or NaN): float64 again
+            if extreme:
+                for k in range(K):
+                    group_dy[k] = 0.0
+                    group_dy_dev[k] = 0.0
+        if extreme:                            # float64 throughout, valid positions only
+            for n in range(n0, n1):
+                xs = x3[n, g]
+                ds = dy3[n, g]
+                for k in range(K):
+                    a = 0.0
+                    b = 0.0
+                    for l in range(L):
+                        if masked and not mask2[n, l]:
+                            continue           # padding may hold anything, even NaN
+                        d = np.float64(ds[k * L + l])
+                        a += d
+                        b += d * (np.float64(xs[k * L + l]) - mu)
+                    group_dy[k] += a
+                    group_dy_dev[k] += b
+        if extreme or L > 1:
+            for k in range(K):
+                sum_dy[k] += group_dy[k]
+                sum_dy_dev[k] += group_dy_dev[k] * inv_std
+                total_dy += gamma2[g, k] * group_dy[k]
+                total_dy_dev += gamma2[g, k] * group_dy_dev[k]
         c2 = 0.0
         c3 = 0.0
         if not frozen and count[v] > 0:
             c2 = -inv_std * inv_std * inv_std * total_dy_dev / count[v]
             if centered:
                 c3 = -inv_std * total_dy / count[v]
-        for n in range(n0, n1):                # dx = dy * gamma * inv_std + (x - mean) c2 + c3
+        # dx = dy * gamma * inv_std + (x - mean) c2 + c3, in x's dtype about mean_hi
+        x_coef = _cast_like(x3, c2)
+        const = _cast_like(x3, c3 - mean_lo * c2)
+        inv = _cast_like(x3, inv_std)
+        for n in range(n0, n1):
             xs = x3[n, g]
             ds = dy3[n, g]
             dxs = dx3[n, g]
-            if L == 1:
-                for k in range(K):
-                    dxs[k] = (np.float64(ds[k]) * (gamma2[g, k] * inv_std)
-                              + (np.float64(xs[k]) - mu) * c2 + c3)
-            else:
+            if extreme:
                 for k in range(K):
                     c1 = gamma2[g, k] * inv_std
                     for l in range(L):
                         i = k * L + l
                         dxs[i] = np.float64(ds[i]) * c1 + (np.float64(xs[i]) - mu) * c2 + c3
+            elif L == 1:
+                gamma = gamma2[g]              # (K,)
+                for k in range(K):
+                    dxs[k] = ds[k] * gamma[k] * inv + (xs[k] - mean_hi) * x_coef + const
+            else:
+                for k in range(K):
+                    c1 = _cast_like(x3, gamma2[g, k] * inv_std)
+                    xk = xs[k * L:(k + 1) * L]     # (L,)
+                    dk = ds[k * L:(k + 1) * L]
+                    dxk = dxs[k * L:(k + 1) * L]
+                    for l in range(L):
+                        dxk[l] = dk[l] * c1 + (xk[l] - mean_hi) * x_coef + const
             if masked:
                 m = mask2[n]
-                for i in range(dxs.size):
-                    if not m[i % L]:
-                        dxs[i] = 0
+                for k in range(K):
+                    for l in range(L):
+                        if not m[l]:
+                            dxs[k * L + l] = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,20 +395,22 @@ def _plane_backward_item(item, dy3, x3, dx3, B, K, L, gamma2, mean, var, count, 
 
 @jit(reduction=True)
 def _rows_item(phase, s, x2, y2, B, R, J, mask2, masked, centered, chunk_count, chunk_mean,
-               chunk_m2, mean, scale, beta2):
+               chunk_m2, coef):
     """Chunk j of row-group v (s = v * J + j), rows r0:r1.
 
     _CHUNK_STATS: each channel's valid row count, mean and M2 = sum((x - mean)^2) (sum(x^2) if
-    not centered) into chunk_count[v, j], chunk_mean[v, j], chunk_m2[v, j], in two passes.
-    _ROWS_APPLY: y = (x - mean[v]) * scale[v] + beta (0 in a masked row).
+    not centered) into chunk_count[v, j], chunk_mean[v, j], chunk_m2[v, j], in two passes:
+    blocks of _ROW_BLOCK rows summed in x's dtype, then in float64 (float64 throughout for a
+    masked call or a chunk whose block sums overflow).
+    _ROWS_APPLY: y = (x - mean_hi) * scale + shift with coef[:, v] = (mean_hi, scale, shift)
+    (C,) in x's dtype (0 in a masked row).
     """
     C = x2.shape[1]
     v, j = s // J, s % J
     r0 = v * B + j * R
     r1 = min(r0 + R, (v + 1) * B)
     if phase == _ROWS_APPLY:
-        mu = mean[v]                           # (C,)
-        sc = scale[v]
+        mean_hi, scale, shift = coef[0, v], coef[1, v], coef[2, v]     # (C,)
         for n in range(r0, r1):
             xr = x2[n]                         # (C,)
             yr = y2[n]
@@ -283,7 +419,7 @@ def _rows_item(phase, s, x2, y2, B, R, J, mask2, masked, centered, chunk_count, 
                     yr[c] = 0
                 continue
             for c in range(C):
-                yr[c] = (np.float64(xr[c]) - mu[c]) * sc[c] + beta2[c, 0]
+                yr[c] = (xr[c] - mean_hi[c]) * scale[c] + shift[c]
         return
     rows = r1 - r0
     if masked:
@@ -292,35 +428,74 @@ def _rows_item(phase, s, x2, y2, B, R, J, mask2, masked, centered, chunk_count, 
             if mask2[n, 0]:
                 rows += 1
     chunk_count[v, j] = rows
-    shift = chunk_mean[v, j]                   # (C,) the chunk's first mean, then its mean
+    mean = chunk_mean[v, j]                    # (C,) the chunk's mean
     m2 = chunk_m2[v, j]
     for c in range(C):
-        shift[c] = 0.0
+        mean[c] = 0.0
         m2[c] = 0.0
     if rows == 0:
         return
-    if centered:
+    s1 = np.zeros(C)
+    exact = masked
+    if not masked:                             # blocks of rows in x's dtype
+        b1 = np.empty(C, x2.dtype)             # (C,) block sums
+        b2 = np.empty(C, x2.dtype)
+        shift_hi = np.zeros(C, x2.dtype)       # (C,) the first mean, rounded to x's dtype
+        if centered:
+            for n0 in range(r0, r1, _ROW_BLOCK):
+                b1[:] = 0
+                for n in range(n0, min(n0 + _ROW_BLOCK, r1)):
+                    xr = x2[n]
+                    for c in range(C):
+                        b1[c] += xr[c]
+                for c in range(C):
+                    mean[c] += b1[c]
+            for c in range(C):
+                shift_hi[c] = mean[c] / rows
+        for n0 in range(r0, r1, _ROW_BLOCK):
+            b1[:] = 0
+            b2[:] = 0
+            for n in range(n0, min(n0 + _ROW_BLOCK, r1)):
+                xr = x2[n]
+                for c in range(C):
+                    d = xr[c] - shift_hi[c]
+                    b1[c] += d
+                    b2[c] += d * d
+            for c in range(C):
+                s1[c] += b1[c]
+                m2[c] += b2[c]
+        total = 0.0
+        for c in range(C):
+            mean[c] = shift_hi[c]
+            total += s1[c] + m2[c]
+        exact = not np.isfinite(total)         # overflow in x's dtype (or NaN in x)
+        if exact:
+            for c in range(C):
+                s1[c] = 0.0
+                m2[c] = 0.0
+                mean[c] = 0.0
+    if exact:                                  # float64 throughout, valid rows only
+        if centered:
+            for n in range(r0, r1):
+                if masked and not mask2[n, 0]:
+                    continue
+                xr = x2[n]
+                for c in range(C):
+                    mean[c] += xr[c]
+            for c in range(C):
+                mean[c] /= rows                # the shift: a first estimate of the mean
         for n in range(r0, r1):
             if masked and not mask2[n, 0]:
                 continue
             xr = x2[n]
             for c in range(C):
-                shift[c] += xr[c]
-        for c in range(C):
-            shift[c] /= rows
-    s1 = np.zeros(C)
-    for n in range(r0, r1):
-        if masked and not mask2[n, 0]:
-            continue
-        xr = x2[n]
-        for c in range(C):
-            d = np.float64(xr[c]) - shift[c]
-            s1[c] += d
-            m2[c] += d * d
+                d = np.float64(xr[c]) - mean[c]
+                s1[c] += d
+                m2[c] += d * d
     if centered:                               # mean = shift + mean(d), M2 = sum(d^2) - sum(d)^2/n
         for c in range(C):
             mean_dev = s1[c] / rows
-            shift[c] += mean_dev
+            mean[c] += mean_dev
             m2[c] = max(m2[c] - s1[c] * mean_dev, 0.0)
 
 
@@ -349,10 +524,11 @@ def _merge_chunks(s, blocks, J, chunk_count, chunk_mean, chunk_m2, mean, var):
 
 
 @jit()
-def _rows_coefficients(gamma2, var, count, eps, centered, frozen, chunk_dy, chunk_dy_dev,
+def _rows_coefficients(gamma2, mean, var, count, eps, centered, frozen, chunk_dy, chunk_dy_dev,
                        coefficients):
-    """dx = dy * c1 + (x - mean) * c2 + c3 per (v, c): coefficients[0..2] (V, C) from the
-    chunk sums chunk_dy, chunk_dy_dev (V, J, C) of dy and dy * (x - mean), added in order."""
+    """dx = dy * c1 + (x - mean_hi) * c2 + c3 per (v, c): coefficients[0..3] = (c1, mean_hi,
+    c2, c3) (V, C) in x's dtype, from the chunk sums chunk_dy, chunk_dy_dev (V, J, C) of dy and
+    dy * (x - mean), added in order."""
     V, J, C = chunk_dy.shape
     for v in range(V):
         for c in range(C):
@@ -363,13 +539,17 @@ def _rows_coefficients(gamma2, var, count, eps, centered, frozen, chunk_dy, chun
                 s_dy_dev += chunk_dy_dev[v, j, c]
             inv_std = 1.0 / np.sqrt(var[v, c] + eps)
             gamma = np.float64(gamma2[c, 0])
-            coefficients[0, v, c] = gamma * inv_std
-            coefficients[1, v, c] = 0.0
-            coefficients[2, v, c] = 0.0
+            c2 = 0.0
+            c3 = 0.0
             if not frozen and count[v] > 0:
-                coefficients[1, v, c] = -inv_std * inv_std * inv_std * gamma * s_dy_dev / count[v]
+                c2 = -inv_std * inv_std * inv_std * gamma * s_dy_dev / count[v]
                 if centered:
-                    coefficients[2, v, c] = -inv_std * gamma * s_dy / count[v]
+                    c3 = -inv_std * gamma * s_dy / count[v]
+            mean_hi = _cast_like(coefficients, mean[v, c])
+            coefficients[0, v, c] = gamma * inv_std
+            coefficients[1, v, c] = mean_hi
+            coefficients[2, v, c] = c2
+            coefficients[3, v, c] = c3 - (mean[v, c] - np.float64(mean_hi)) * c2
 
 
 @jit(reduction=True)
@@ -378,7 +558,8 @@ def _rows_backward_item(phase, s, dy2, x2, dx2, B, R, J, mask2, masked, mean, ch
     """Chunk j of row-group v (s = v * J + j), rows r0:r1, valid rows only.
 
     _ROWS_SUMS: sum(dy) and sum(dy * (x - mean)) per channel into chunk_dy[v, j],
-    chunk_dy_dev[v, j]. _ROWS_DX: dx = dy * c1 + (x - mean) * c2 + c3 (0 in a masked row).
+    chunk_dy_dev[v, j] (blocks of rows in x's dtype about mean_hi, float64 if masked or
+    overflowing). _ROWS_DX: dx = dy * c1 + (x - mean_hi) * c2 + c3 (0 in a masked row).
     """
     C = x2.shape[1]
     v, j = s // J, s % J
@@ -386,7 +567,8 @@ def _rows_backward_item(phase, s, dy2, x2, dx2, B, R, J, mask2, masked, mean, ch
     r1 = min(r0 + R, (v + 1) * B)
     mu = mean[v]                               # (C,)
     if phase == _ROWS_DX:
-        c1, c2, c3 = coefficients[0, v], coefficients[1, v], coefficients[2, v]
+        c1, mean_hi, c2, c3 = (coefficients[0, v], coefficients[1, v], coefficients[2, v],
+                               coefficients[3, v])
         for n in range(r0, r1):
             xr = x2[n]                         # (C,)
             dr = dy2[n]
@@ -396,22 +578,51 @@ def _rows_backward_item(phase, s, dy2, x2, dx2, B, R, J, mask2, masked, mean, ch
                     dxr[c] = 0
                 continue
             for c in range(C):
-                dxr[c] = np.float64(dr[c]) * c1[c] + (np.float64(xr[c]) - mu[c]) * c2[c] + c3[c]
+                dxr[c] = dr[c] * c1[c] + (xr[c] - mean_hi[c]) * c2[c] + c3[c]
         return
     s_dy = chunk_dy[v, j]                      # (C,)
     s_dy_dev = chunk_dy_dev[v, j]
     for c in range(C):
         s_dy[c] = 0.0
         s_dy_dev[c] = 0.0
-    for n in range(r0, r1):
-        if masked and not mask2[n, 0]:
-            continue
-        xr = x2[n]
-        dr = dy2[n]
+    exact = masked
+    if not masked:
+        mean_hi = np.empty(C, x2.dtype)        # (C,)
+        b1 = np.empty(C, x2.dtype)             # (C,) block sums
+        b2 = np.empty(C, x2.dtype)
         for c in range(C):
-            d = np.float64(dr[c])
-            s_dy[c] += d
-            s_dy_dev[c] += d * (np.float64(xr[c]) - mu[c])
+            mean_hi[c] = mu[c]
+        for n0 in range(r0, r1, _ROW_BLOCK):
+            b1[:] = 0
+            b2[:] = 0
+            for n in range(n0, min(n0 + _ROW_BLOCK, r1)):
+                xr = x2[n]
+                dr = dy2[n]
+                for c in range(C):
+                    b1[c] += dr[c]
+                    b2[c] += dr[c] * (xr[c] - mean_hi[c])
+            for c in range(C):
+                s_dy[c] += b1[c]
+                s_dy_dev[c] += b2[c]
+        total = 0.0
+        for c in range(C):                     # about the mean, not mean_hi
+            s_dy_dev[c] -= (mu[c] - np.float64(mean_hi[c])) * s_dy[c]
+            total += s_dy[c] + s_dy_dev[c]
+        exact = not np.isfinite(total)
+        if exact:
+            for c in range(C):
+                s_dy[c] = 0.0
+                s_dy_dev[c] = 0.0
+    if exact:
+        for n in range(r0, r1):
+            if masked and not mask2[n, 0]:
+                continue
+            xr = x2[n]
+            dr = dy2[n]
+            for c in range(C):
+                d = np.float64(dr[c])
+                s_dy[c] += d
+                s_dy_dev[c] += d * (np.float64(xr[c]) - mu[c])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,7 +658,7 @@ def forward(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, c
     chunk_count = np.empty((V, J))             # (V, J) valid rows of each chunk
     chunk_mean = np.empty((V, J, W))           # (V, J, C) per-chunk statistics
     chunk_m2 = np.empty((V, J, W))
-    scale = np.empty((V, W))                   # (V, C) gamma * inv_std
+    coef = np.empty((3, V, W), x4.dtype)       # (3, V, C) mean_hi, scale, shift in x's dtype
     if not columns:
         first, last = _PLANES, _PLANES
     else:
@@ -457,7 +668,11 @@ def forward(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, c
         if phase == _ROWS_APPLY:
             for v in range(V):
                 for c in range(G):
-                    scale[v, c] = gamma2[c, 0] / np.sqrt(var[v, c] + eps)
+                    scale = gamma2[c, 0] / np.sqrt(var[v, c] + eps)
+                    mean_hi = _cast_like(x4, mean[v, c])
+                    coef[0, v, c] = mean_hi
+                    coef[1, v, c] = scale
+                    coef[2, v, c] = beta2[c, 0] - (mean[v, c] - np.float64(mean_hi)) * scale
         items = V * G if phase == _PLANES else V * blocks if phase == _MERGE else V * J
         if parallel:
             for item in prange(items):
@@ -469,7 +684,7 @@ def forward(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, c
                     _merge_chunks(s, blocks, J, chunk_count, chunk_mean, chunk_m2, mean, var)
                 else:
                     _rows_item(phase, s, x2, y2, B, R, J, mask2, masked, centered, chunk_count,
-                               chunk_mean, chunk_m2, mean, scale, beta2)
+                               chunk_mean, chunk_m2, coef)
         else:
             for s in range(items):
                 if phase == _PLANES:
@@ -479,7 +694,7 @@ def forward(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, c
                     _merge_chunks(s, blocks, J, chunk_count, chunk_mean, chunk_m2, mean, var)
                 else:
                     _rows_item(phase, s, x2, y2, B, R, J, mask2, masked, centered, chunk_count,
-                               chunk_mean, chunk_m2, mean, scale, beta2)
+                               chunk_mean, chunk_m2, coef)
 
 
 @jit(parallel=True)
@@ -514,12 +729,12 @@ def backward(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
     part_dy = np.zeros((P0, P1, P2))
     part_dy_dev = np.zeros((P0, P1, P2))
     W = G if columns else 0
-    coefficients = np.empty((3, V, W))         # columns: dx's c1, c2, c3 (V, C)
+    coefficients = np.empty((4, V, W), x4.dtype)   # columns: dx's c1, mean_hi, c2, c3 (V, C)
     first, last = (_ROWS_SUMS, _ROWS_DX) if columns else (_PLANES, _PLANES)
     for phase in range(first, last + 1, 2):
         if phase == _ROWS_DX:
-            _rows_coefficients(gamma2, var, count, eps, centered, frozen, part_dy, part_dy_dev,
-                               coefficients)
+            _rows_coefficients(gamma2, mean, var, count, eps, centered, frozen, part_dy,
+                               part_dy_dev, coefficients)
         items = chunks * G if phase == _PLANES else V * J
         if parallel:
             for item in prange(items):

@@ -80,6 +80,11 @@ def jit(*, parallel: bool = False, reduction: bool = False, inline: bool = False
     Compiled once per argument *types*: constants passed from jitted code are not specialized
     on unless ``literals=True`` (a kernel whose speed depends on a compile-time flag).
     """
+    # parallel: only explicit ``prange`` loops run on threads; NumPy calls (np.zeros, array
+    # expressions) stay serial, so a small input never wakes the thread pool by accident.
+    if parallel:
+        parallel = dict(prange=True, numpy=False, reduction=False, setitem=False, stencil=False,
+                        fusion=False, comprehension=False, inplace_binop=False)
     options = dict(cache=True, nogil=True, parallel=parallel, error_model="numpy")
     if reduction and REDUCTION_FASTMATH:
         options["fastmath"] = set(REDUCTION_FASTMATH)
