@@ -15,7 +15,9 @@ import argparse
 import contextlib
 import logging
 import runpy
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -29,6 +31,11 @@ __all__ = ["main", "build_parser"]
 
 class CommandError(Exception):
     """Printed as one ``normkit: ...`` line; exit code 2."""
+
+
+class Terminated(BaseException):
+    """SIGTERM (``kill PID``, ``timeout``), raised in the main thread the way Ctrl-C raises
+    KeyboardInterrupt, so the sweep stops its workers and keeps its finished runs."""
 
 
 def _positive_int(text: str) -> int:
@@ -106,16 +113,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code or 0)
     args.passed_on = passed_on
     command = {"list": _list, "run": _run, "table": _table, "bench": _bench}[args.command]
-    with _console_logging():
+    with _console_logging(), _sigterm_raises():
         try:
             return command(args)
         except (CommandError, SweepError) as exc:
             print(f"normkit: {exc}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print("normkit: interrupted; finished runs are kept in runs.csv: run the same "
-                  "command again to resume", file=sys.stderr)
-            return 130
+        except (KeyboardInterrupt, Terminated) as exc:
+            how, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted",
+                                                                                 130)
+            print(f"normkit: {how}; finished runs are kept in runs.csv: run the same command "
+                  "again to resume", file=sys.stderr)
+            return code
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises Terminated in the main thread (signals can only be handled there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

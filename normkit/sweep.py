@@ -559,7 +559,8 @@ def open_executor(jobs: int | None = None, scheduler: str | None = None,
     with _worker_environment():
         if scheduler is None:
             import multiprocessing
-            pool = cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+            pool = cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                          initializer=_die_with_parent, initargs=(os.getpid(),))
             with _shut_down(pool):
                 yield pool
             return
@@ -569,18 +570,53 @@ def open_executor(jobs: int | None = None, scheduler: str | None = None,
                 yield executor
 
 
+PARENT_POLL_SECONDS = 0.5
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Pool worker initializer: exit as soon as the sweep's process is gone.
+
+    A parent killed by SIGKILL or the OOM killer cannot stop its workers, and orphans would run
+    on for the rest of their training runs. A daemon thread polls ``os.getppid()``: portable, and
+    unlike Linux's parent-death signal it does not tie the worker to the parent *thread* that
+    happened to spawn it (a pool shared by sweeps run in threads would lose workers).
+    """
+    if os.getppid() != parent_pid:      # the parent died while this worker was starting
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True,
+                     name="normkit-watch-parent").start()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:    # reparented (to init or a subreaper) once it dies
+        time.sleep(PARENT_POLL_SECONDS)
+    os._exit(1)
+
+
 @contextlib.contextmanager
 def _shut_down(executor: cf.Executor) -> Iterator[None]:
+    """Shut the executor down; on an exception (Ctrl-C, SIGTERM, a full disk) stop the local
+    workers at once instead of waiting for runs that can no longer be recorded."""
     try:
         yield
     except BaseException:
         with contextlib.suppress(Exception):
             if isinstance(executor, cf.ProcessPoolExecutor):
-                executor.shutdown(wait=False, cancel_futures=True)
+                _terminate_workers(executor)
             else:
                 executor.shutdown(wait=False)
         raise
     executor.shutdown(wait=True)
+
+
+def _terminate_workers(pool: cf.ProcessPoolExecutor) -> None:
+    if hasattr(pool, "terminate_workers"):      # Python >= 3.14
+        pool.terminate_workers()
+        return
+    for worker in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(Exception):
+            worker.terminate()
+    pool.shutdown(wait=True)    # the pool fails its pending futures and joins its threads
 
 
 @contextlib.contextmanager
@@ -681,9 +717,12 @@ def _execute(study: Study, todo: list, runs: RunLog, executor: cf.Executor,
     futures = {executor.submit(_run_one, ref, config_fields(c)): c for c in todo}
     try:
         _collect(study, futures, provenance, runs, report, progress, shown_fields)
-    except BaseException:             # KeyboardInterrupt: runs in flight are not recorded
-        for future in futures:
-            future.cancel()
+    except BaseException:             # Ctrl-C, SIGTERM, a full disk: runs in flight are lost
+        # A local pool is not cancelled: open_executor terminates its workers, and Python 3.11's
+        # pool then fails every pending future, which raises in its thread on a cancelled one.
+        if not isinstance(executor, cf.ProcessPoolExecutor):
+            for future in futures:
+                future.cancel()
         raise
 
 
