@@ -66,13 +66,16 @@ one header, then one line per finished run: the config fields, the declared metr
   record is a physical line. A torn last line (a crash inside a write) is cut off when the file
   is next opened. Rewrites (``--rerun-failed``) go through a temp file and an atomic rename and
   copy the kept lines byte for byte.
+- The sweep and the tables read runs.csv through one checking reader (``read_runs_file``): a
+  damaged line (not UTF-8, fields missing, an unknown status, a metric that is not a number)
+  is refused with the file and line named, never skipped into a wrong table.
 - Rows are keyed by the full config (every field, as written in the CSV). A finished run
   (ok/diverged) is never run again; failed runs are retried only with ``rerun_failed``.
   Changing a default or a grid value changes the key, so a stale row is never reused; rows that
   are not in the current grid stay in the file and are left out of the tables.
 - A lock file keeps two sweeps from appending to the same runs.csv.
 
-Tables and figures: ``summarize`` reads runs.csv with pandas and writes ``table.md``, ``table.csv``
+Tables and figures: ``summarize`` reads runs.csv (``read_runs``) and writes ``table.md``, ``table.csv``
 and ``<name>.png`` per figure; mean ± std over seeds of the ok runs, with counts of diverged and
 failed runs.
 """
@@ -104,7 +107,7 @@ from typing import Any
 __all__ = [
     "Study", "Diverged", "SweepError", "SweepReport",
     "expand_grid", "find_studies", "load_study", "results_dir",
-    "open_executor", "run_sweep", "read_runs", "summarize",
+    "open_executor", "run_sweep", "read_runs", "read_runs_file", "summarize",
     "aggregate", "summary_table", "markdown_table", "format_mean_std", "line_plot",
 ]
 
@@ -377,40 +380,32 @@ def _one_line(text: str) -> str:
 class RunLog:
     """runs.csv: a fixed header, then one whole, fsync-ed line per finished run (parent only)."""
 
-    def __init__(self, path: Path, columns: Sequence[str], key_columns: Sequence[str]):
+    def __init__(self, path: Path, study: Study):
         self.path = Path(path)
-        self.columns = tuple(columns)
-        self.key_width = len(key_columns)
+        self.study = study
+        self.columns = study.columns
+        self.key_width = len(study.field_names)
         self.lines: list[bytes] = []            # data lines as on disk, with their b"\n"
         self.status: dict[tuple[str, ...], str] = {}
 
     def open(self) -> None:
-        """Create the file or read it back: check the header, cut a torn last line."""
-        data = self.path.read_bytes() if self.path.exists() else b""
-        if data and not data.endswith(b"\n"):
-            cut = data.rfind(b"\n") + 1
-            log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted write",
-                        self.path, len(data) - cut)
-            with open(self.path, "r+b") as f:
-                f.truncate(cut)
-                os.fsync(f.fileno())
-            data = data[:cut]
-        if not data:
+        """Create the file or read it back (checked by ``read_runs_file``); cut a torn last
+        line."""
+        if not self.path.exists():
             self._write_atomically([])
             return
-        lines = data.splitlines(keepends=True)
-        header = _parse_line(lines[0])
-        if tuple(header) != self.columns:
-            raise SweepError(
-                f"{self.path} has columns {header} but the study now writes {list(self.columns)}: "
-                "its config fields or metrics changed. Move the old file away to start over.")
-        for number, line in enumerate(lines[1:], start=2):
-            cells = _parse_line(line)
-            if len(cells) != len(self.columns):
-                raise SweepError(f"{self.path}, line {number}: {len(cells)} fields, expected "
-                                 f"{len(self.columns)}; fix or remove that line")
+        runs = read_runs_file(self.path, self.study, repair=True)
+        if runs.torn:
+            with open(self.path, "r+b") as f:
+                f.truncate(runs.size)
+                os.fsync(f.fileno())
+        if not runs.size:                       # nothing left but a torn header
+            self._write_atomically([])
+            return
+        status = self.columns.index("status")
+        for line, cells in zip(runs.lines, runs.rows):
             self.lines.append(line)
-            self.status[tuple(cells[:self.key_width])] = cells[self.columns.index("status")]
+            self.status[tuple(cells[:self.key_width])] = cells[status]
 
     def append(self, row: Mapping[str, Any]) -> None:
         line = _format_line([row.get(c) for c in self.columns])
@@ -443,6 +438,76 @@ class RunLog:
         _fsync_dir(self.path.parent)
 
 
+@dataclasses.dataclass
+class RunsFile:
+    """runs.csv as read and checked by ``read_runs_file``."""
+
+    lines: list[bytes]           # the data lines as on disk, each with its b"\n"
+    rows: list[list[str]]        # their cells
+    size: int                    # bytes of the header and the whole lines
+    torn: int                    # bytes of a torn last line that were left out (0: none)
+
+
+def read_runs_file(path: Path, study: Study, *, repair: bool = False) -> RunsFile:
+    """Read runs.csv and check every line; the one reader of ``normkit run`` and ``table``.
+
+    A damaged line (not UTF-8, a wrong number of fields, an unknown status, a metric or
+    ``seconds`` that is not a number, a non-finite metric in an ok row) raises SweepError
+    naming the file and the line, so no table is built from it. A last line without its line
+    break, left by a write that was cut short, is left out with a warning (``repair``: the
+    caller cuts it off the file).
+    """
+    data = path.read_bytes()
+    if not data:
+        raise SweepError(f"{path}, line 1: the file is empty, not even a header line; remove "
+                         "it to start over")
+    size = data.rfind(b"\n") + 1
+    if size < len(data):
+        action = "cutting it off" if repair else "leaving it out (`normkit run` cuts it off)"
+        log.warning("%s: a torn last line (%d bytes) left by an interrupted write; %s",
+                    path, len(data) - size, action)
+    lines = data[:size].splitlines(keepends=True)
+    if not lines:
+        return RunsFile([], [], 0, len(data))
+    header = _parse_line(lines[0], path, 1)
+    if tuple(header) != study.columns:
+        raise SweepError(
+            f"{path} has columns {header} but the study now writes {list(study.columns)}: "
+            "its config fields or metrics changed. Move the old file away to start over.")
+    rows = []
+    for number, line in enumerate(lines[1:], start=2):
+        cells = _parse_line(line, path, number)
+        problem = _row_problem(study, cells)
+        if problem:
+            raise SweepError(f"{path}, line {number}: {problem}; fix or remove that line "
+                             "(a removed run is redone by the next `normkit run`)")
+        rows.append(cells)
+    return RunsFile(lines[1:], rows, size, len(data) - size)
+
+
+def _row_problem(study: Study, cells: list[str]) -> str:
+    """What is wrong with a data line's cells, or "" if nothing."""
+    if len(cells) != len(study.columns):
+        return f"{len(cells)} fields, expected {len(study.columns)}"
+    row = dict(zip(study.columns, cells))
+    if row["status"] not in STATUSES:
+        return f"status {row['status']!r} is not one of {', '.join(STATUSES)}"
+    for name in (*study.metrics, "seconds"):
+        try:
+            value = _number(row[name])
+        except ValueError:
+            return f"{name} {row[name]!r} is not a number"
+        if row["status"] == "ok" and name != "seconds" and row[name] and not math.isfinite(
+                value):
+            return f"{name} is {row[name]!r} in an ok run"
+    return ""
+
+
+def _number(cell: str) -> float:
+    """A metric or ``seconds`` cell as a float; empty (not returned by the run) -> NaN."""
+    return float(cell) if cell else math.nan
+
+
 def _format_line(values: Sequence[Any]) -> bytes:
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerow(
@@ -450,8 +515,13 @@ def _format_line(values: Sequence[Any]) -> bytes:
     return buffer.getvalue().encode("utf-8")
 
 
-def _parse_line(line: bytes) -> list[str]:
-    return next(csv.reader([line.decode("utf-8").rstrip("\n")]), [])
+def _parse_line(line: bytes, path: Path | None = None, number: int = 0) -> list[str]:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SweepError(f"{path}, line {number}: not UTF-8 text (byte {line[exc.start]:#04x} "
+                         f"at column {exc.start + 1}); fix or remove that line") from None
+    return next(csv.reader([text.rstrip("\n")]), [])
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -685,7 +755,7 @@ def run_sweep(study: Study, directory: str | os.PathLike, executor: cf.Executor 
     _prepare_dir(directory)
     configs = study.configs(quick)
     with _exclusive(directory):
-        runs = RunLog(directory / "runs.csv", study.columns, study.field_names)
+        runs = RunLog(directory / "runs.csv", study)
         runs.open()
         keys = [config_key(c) for c in configs]
         if rerun_failed:
@@ -804,25 +874,27 @@ def read_runs(study: Study, directory: str | os.PathLike, *,
     path = Path(directory) / "runs.csv"
     if not path.exists():
         raise SweepError(f"no runs yet for study {study.name!r}: {path} does not exist")
-    raw = pd.read_csv(path, dtype=str, keep_default_na=False)
-    if tuple(raw.columns) != study.columns:
-        raise SweepError(f"{path} has columns {list(raw.columns)} but the study writes "
-                         f"{list(study.columns)}: its config fields or metrics changed")
     grid = {config_key(c): (i, c) for i, c in enumerate(study.configs(quick))}
-    keys = list(zip(*(raw[name] for name in study.field_names))) if len(raw) else []
-    position = pd.Series([grid[k][0] if k in grid else -1 for k in keys], index=raw.index,
-                         dtype="int64")
-    kept = raw[position >= 0].assign(_position=position[position >= 0])
-    kept = kept.drop_duplicates("_position", keep="last").sort_values("_position")
+    latest: dict[int, list[str]] = {}           # grid position -> cells of its latest row
+    left_out = 0
+    for cells in read_runs_file(path, study).rows:
+        position = grid.get(tuple(cells[:len(study.field_names)]), (-1, None))[0]
+        if position < 0:
+            left_out += 1
+        else:
+            latest[position] = cells
     configs = [grid_config for _, grid_config in sorted(grid.values(), key=lambda p: p[0])]
-    fields = pd.DataFrame([config_fields(configs[i]) for i in kept["_position"]],
+    positions = sorted(latest)
+    fields = pd.DataFrame([config_fields(configs[i]) for i in positions],
                           columns=list(study.field_names))
-    numbers = {name: pd.to_numeric(kept[name], errors="coerce").to_numpy(dtype=float)
+    column = {name: study.columns.index(name) for name in study.columns}
+    numbers = {name: [_number(latest[i][column[name]]) for i in positions]
                for name in (*study.metrics, "seconds")}
-    texts = {name: kept[name].to_numpy() for name in PROVENANCE_COLUMNS if name != "seconds"}
+    texts = {name: pd.Series([latest[i][column[name]] for i in positions], dtype=str)
+             for name in PROVENANCE_COLUMNS if name != "seconds"}
     # one concat, not a column at a time: a study may have hundreds of metric columns
     frame = pd.concat([fields, pd.DataFrame({**numbers, **texts}, index=fields.index)], axis=1)
-    return frame[list(study.columns)], int((position < 0).sum())
+    return frame[list(study.columns)], left_out
 
 
 def summarize(study: Study, directory: str | os.PathLike, *, quick: bool = False) -> list[Path]:

@@ -228,3 +228,70 @@ def test_python_dash_m_normkit(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("toy  Toy study")
+
+
+# ------------------------------------------------------------------------- a damaged runs.csv
+
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory) -> bytes:
+    """runs.csv of the toy's quick grid: 12 rows, in grid order (one worker)."""
+    out = tmp_path_factory.mktemp("quick_runs")
+    assert main(["run", "toy", "--quick", "--jobs", "1", "--no-summary", "--out", str(out),
+                 *STUDIES]) == 1
+    return (out / "toy" / "quick" / "runs.csv").read_bytes()
+
+
+def damaged(lines: list[bytes], case: str) -> tuple[bytes, int]:
+    """runs.csv damaged in one way, and the number of the line at fault."""
+    if case == "empty file":
+        return b"", 1
+    if case == "bad metric value":         # line 2 is an ok run: mode=normal, width=4, seed=0
+        cells = lines[1].split(b",")
+        return b"".join(lines[:1] + [b",".join(cells[:4] + [b"abc"] + cells[5:])] + lines[2:]), 2
+    if case == "short line mid-file":
+        return b"".join(lines[:4] + [lines[4][:20] + b"\n"] + lines[5:]), 5
+    if case == "garbage line":
+        return b"".join(lines[:6] + [b"}}}} not a csv row {{{{\n"] + lines[6:]), 7
+    if case == "unknown status":
+        return b"".join(lines[:3] + [lines[3].replace(b",ok,", b",fine,")] + lines[4:]), 4
+    assert case == "invalid UTF-8"
+    return b"".join(lines[:8] + [lines[8].replace(b",", b",\xe9", 1)] + lines[9:]), 9
+
+
+@pytest.mark.parametrize("command", ["run", "table"])
+@pytest.mark.parametrize("case", ["bad metric value", "short line mid-file", "garbage line",
+                                  "unknown status", "invalid UTF-8", "empty file"])
+def test_a_damaged_runs_csv_is_refused_naming_file_and_line(capsys, tmp_path, quick_runs,
+                                                             command, case):
+    folder = tmp_path / "toy" / "quick"
+    folder.mkdir(parents=True)
+    text, number = damaged(quick_runs.splitlines(keepends=True), case)
+    (folder / "runs.csv").write_bytes(text)
+    jobs = ["--jobs", 1] if command == "run" else []
+    code, out, err = normkit(capsys, command, "toy", "--quick", *jobs, "--out", tmp_path,
+                             *STUDIES)
+    assert (code, out) == (2, "")
+    assert err.startswith(f"normkit: {folder / 'runs.csv'}, line {number}: ")
+    assert len(err.splitlines()) == 1
+    assert (folder / "runs.csv").read_bytes() == text
+    assert sorted(p.name for p in folder.iterdir() if p.name != ".lock") == ["runs.csv"]
+
+
+def test_table_leaves_out_a_torn_last_line_with_the_warning_run_gives(capsys, tmp_path,
+                                                                      quick_runs):
+    folder = tmp_path / "toy" / "quick"
+    folder.mkdir(parents=True)
+    lines = quick_runs.splitlines(keepends=True)
+    torn = b"".join(lines[:-1]) + lines[-1][:30]
+    (folder / "runs.csv").write_bytes(torn)
+    code, out, err = normkit(capsys, "table", "toy", "--quick", "--out", tmp_path, *STUDIES)
+    assert code == 0 and out.startswith("wrote ")
+    assert err == (f"{folder / 'runs.csv'}: a torn last line (30 bytes) left by an interrupted "
+                   "write; leaving it out (`normkit run` cuts it off)\n")
+    assert "11 of 12 runs recorded" in (folder / "table.md").read_text()
+    assert (folder / "runs.csv").read_bytes() == torn
+    code, _, err = normkit(capsys, "run", "toy", "--quick", "--jobs", 1, "--no-summary",
+                           "--out", tmp_path, *STUDIES)
+    assert err.splitlines()[0] == (f"{folder / 'runs.csv'}: a torn last line (30 bytes) left "
+                                   "by an interrupted write; cutting it off")
+    assert (folder / "runs.csv").read_bytes().startswith(b"".join(lines[:-1]))
