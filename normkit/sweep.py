@@ -74,6 +74,9 @@ one header, then one line per finished run: the config fields, the declared metr
   Changing a default or a grid value changes the key, so a stale row is never reused; rows that
   are not in the current grid stay in the file and are left out of the tables.
 - A lock file keeps two sweeps from appending to the same runs.csv.
+- A write that fails (a full disk) stops the sweep with a SweepError naming the file: a row
+  written in part is cut back, a rewrite leaves the old file and no temp file. A probe
+  (``PROBE_BYTES``) is written before the first run, so a disk that is still full fails at once.
 
 Tables and figures: ``summarize`` reads runs.csv (``read_runs``) and writes ``table.md``, ``table.csv``
 and ``<name>.png`` per figure; mean ± std over seeds of the ok runs, with counts of diverged and
@@ -86,6 +89,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime as dt
+import errno
 import hashlib
 import importlib.util
 import io
@@ -392,7 +396,7 @@ class RunLog:
         """Create the file or read it back (checked by ``read_runs_file``); cut a torn last
         line."""
         if not self.path.exists():
-            self._write_atomically([])
+            self._rewrite([])
             return
         runs = read_runs_file(self.path, self.study, repair=True)
         if runs.torn:
@@ -400,7 +404,7 @@ class RunLog:
                 f.truncate(runs.size)
                 os.fsync(f.fileno())
         if not runs.size:                       # nothing left but a torn header
-            self._write_atomically([])
+            self._rewrite([])
             return
         status = self.columns.index("status")
         for line, cells in zip(runs.lines, runs.rows):
@@ -408,13 +412,24 @@ class RunLog:
             self.status[tuple(cells[:self.key_width])] = cells[status]
 
     def append(self, row: Mapping[str, Any]) -> None:
+        """Write one whole line; if the write fails (disk full), cut what it wrote."""
         line = _format_line([row.get(c) for c in self.columns])
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         try:
-            _write_all(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            try:
+                size = os.fstat(fd).st_size
+                try:
+                    _write_all(fd, line)
+                    os.fsync(fd)
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, size)
+                    raise
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise _write_error(f"cannot append a run to {self.path}", exc,
+                               "the runs recorded before it are intact") from None
         self.lines.append(line)
         self.status[tuple(_parse_line(line)[:self.key_width])] = row["status"]
 
@@ -422,20 +437,42 @@ class RunLog:
         """Remove the rows of these configs (temp file + atomic rename; other lines kept as is)."""
         kept = [line for line in self.lines
                 if tuple(_parse_line(line)[:self.key_width]) not in keys]
-        self._write_atomically(kept)
+        self._rewrite(kept)
         self.lines = kept
         for key in keys:
             self.status.pop(key, None)
 
-    def _write_atomically(self, lines: list[bytes]) -> None:
-        temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(temp, "wb") as f:
-            f.write(_format_line(self.columns))
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, self.path)
-        _fsync_dir(self.path.parent)
+    def _rewrite(self, lines: list[bytes]) -> None:
+        _write_atomically(self.path, b"".join([_format_line(self.columns), *lines]))
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` whole: a temp file, fsync, rename. If that fails (disk
+    full), ``path`` is as it was and the temp file is removed."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        if isinstance(exc, OSError):
+            raise _write_error(f"cannot write {path}", exc, "it is unchanged") from None
+        raise
+    _fsync_dir(path.parent)
+
+
+def _write_error(action: str, exc: OSError, state: str = "") -> SweepError:
+    """One line for a failed write: what failed on which file, what was kept, what to do."""
+    text = f"{action}: {exc.strerror or exc}" + (f" ({state})" if state else "")
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        text += "; free some space, then run the same command again"
+    return SweepError(text)
 
 
 @dataclasses.dataclass
@@ -555,14 +592,23 @@ def _exclusive(folder: Path) -> Iterator[None]:
         yield
 
 
+PROBE_BYTES = 64 * 1024   # room a sweep needs before its first run: rows, errors.log, tables
+
+
 def _prepare_dir(folder: Path) -> None:
+    """Create the results folder and write a probe, so that a read-only folder or a full disk
+    is found before a run is spent, not when its result is appended."""
+    probe = folder / f".write-test-{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            _write_all(fd, bytes(PROBE_BYTES))
+        finally:
+            os.close(fd)
+            probe.unlink()
     except OSError as exc:
-        raise SweepError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+        raise _write_error(f"cannot write to {folder}", exc) from None
 
 
 # ------------------------------------------------------------------------------------ provenance
@@ -837,8 +883,13 @@ def _record(study: Study, config: Any, result: dict, provenance: dict, runs: Run
         setattr(report, result["status"], getattr(report, result["status"]) + 1)
     if result["traceback"]:
         stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        with open(runs.path.with_name("errors.log"), "a", encoding="utf-8") as f:
-            f.write(f"--- {stamp} {study.name} {config!r}\n{result['traceback']}\n")
+        errors = runs.path.with_name("errors.log")
+        try:
+            with open(errors, "a", encoding="utf-8") as f:
+                f.write(f"--- {stamp} {study.name} {config!r}\n{result['traceback']}\n")
+        except OSError as exc:
+            raise _write_error(f"cannot append a traceback to {errors}", exc,
+                               f"the run is recorded in {runs.path}") from None
 
 
 def _log_run(report: SweepReport, config: Any, result: dict, shown: list[str]) -> None:
@@ -916,11 +967,12 @@ def summarize(study: Study, directory: str | os.PathLike, *, quick: bool = False
     for name, table in named.items():
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.")
         csv_path = directory / (f"table_{slug}.csv" if name else "table.csv")
-        table.to_csv(csv_path, index=not isinstance(table.index, _range_index()))
+        text = table.to_csv(index=not isinstance(table.index, _range_index()))
+        _write_atomically(csv_path, text.encode("utf-8"))
         written.append(csv_path)
     markdown = _table_document(study, frame, named, left_out, quick)
     md_path = directory / "table.md"
-    _replace_text(md_path, markdown)
+    _write_atomically(md_path, markdown.encode("utf-8"))
     written.insert(0, md_path)
     if not frame.empty:
         written += _write_figures(study, frame, directory)
@@ -942,7 +994,7 @@ def _write_reports(study: Study, frame: Any, directory: Path) -> list[Path]:
             raise SweepError(f"{study.name}: report {name!r} must be text, got "
                              f"{type(text).__name__}")
         path = directory / name
-        _replace_text(path, text)
+        _write_atomically(path, text.encode("utf-8"))
         written.append(path)
     return written
 
@@ -982,12 +1034,6 @@ def _fixed_fields(study: Study, quick: bool) -> dict[str, Any]:
     return {k: v for k, v in config_fields(configs[0]).items() if k not in varying | {"seed"}}
 
 
-def _replace_text(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)
-
-
 def _write_figures(study: Study, frame: Any, directory: Path) -> list[Path]:
     if study.figures is None:
         return []
@@ -1002,7 +1048,9 @@ def _write_figures(study: Study, frame: Any, directory: Path) -> list[Path]:
     written = []
     for name, figure in study.figures(frame).items():
         path = directory / f"{name}.png"
-        figure.savefig(path, dpi=120, bbox_inches="tight")
+        image = io.BytesIO()
+        figure.savefig(image, format="png", dpi=120, bbox_inches="tight")
+        _write_atomically(path, image.getvalue())
         written.append(path)
         if "matplotlib.pyplot" in sys.modules:
             sys.modules["matplotlib.pyplot"].close(figure)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import os
 import socket
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from normkit import __version__
+from normkit import __version__, sweep
 from normkit.cli import main
 
 FIXTURE = Path(__file__).parent / "studies_fixture"
@@ -295,3 +296,72 @@ def test_table_leaves_out_a_torn_last_line_with_the_warning_run_gives(capsys, tm
     assert err.splitlines()[0] == (f"{folder / 'runs.csv'}: a torn last line (30 bytes) left "
                                    "by an interrupted write; cutting it off")
     assert (folder / "runs.csv").read_bytes().startswith(b"".join(lines[:-1]))
+
+
+# ----------------------------------------------------------------------------------- disk full
+
+FULL = "No space left on device; free some space, then run the same command again"
+
+
+def fill_the_disk(monkeypatch, *, after: int = 0, only=lambda data: True) -> None:
+    """Every write of normkit.sweep (probe, header, rows, tables) fails with ENOSPC, as on a
+    full disk, once ``after`` writes went through, for the data ``only`` picks; a failing
+    write first writes half its data, as a real one can."""
+    write_all = sweep._write_all
+    done = []
+
+    def write_all_until_full(fd: int, data: bytes) -> None:
+        if len(done) >= after and only(bytes(data)):
+            os.write(fd, data[:len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        done.append(len(data))
+        write_all(fd, data)
+
+    monkeypatch.setattr(sweep, "_write_all", write_all_until_full)
+
+
+def messages(err: str) -> list[str]:
+    """stderr without the per-run log lines."""
+    return [line for line in err.splitlines() if not line.startswith("[")]
+
+
+def test_disk_full_while_appending_a_run(capsys, tmp_path, monkeypatch):
+    fill_the_disk(monkeypatch, after=2 + 3)       # the probe, the header, three rows
+    code, out, err = normkit(capsys, "run", "toy", "--quick", "--jobs", 1, "--out", tmp_path,
+                             *STUDIES)
+    folder = tmp_path / "toy" / "quick"
+    assert (code, out) == (2, "")
+    assert messages(err) == [f"normkit: cannot append a run to {folder / 'runs.csv'}: "
+                             f"{FULL.replace(';', ' (the runs recorded before it are intact);')}"]
+    lines = (folder / "runs.csv").read_text().splitlines(keepends=True)
+    assert len(lines) == 1 + 3 and all(line.endswith("\n") for line in lines)
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_disk_full_while_rewriting_for_rerun_failed(capsys, tmp_path, monkeypatch, quick_runs):
+    folder = tmp_path / "toy" / "quick"
+    folder.mkdir(parents=True)
+    (folder / "runs.csv").write_bytes(quick_runs)
+    fill_the_disk(monkeypatch, only=lambda data: data.startswith(b"mode,width,"))
+    code, out, err = normkit(capsys, "run", "toy", "--quick", "--rerun-failed", "--out",
+                             tmp_path, *STUDIES)
+    assert (code, out) == (2, "")
+    assert messages(err) == ["toy: retrying 4 failed runs",
+                             f"normkit: cannot write {folder / 'runs.csv'}: "
+                             f"{FULL.replace(';', ' (it is unchanged);')}"]
+    assert (folder / "runs.csv").read_bytes() == quick_runs
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "runs.csv"]
+
+
+def test_a_full_disk_is_found_before_any_run_starts(capsys, tmp_path, monkeypatch):
+    folder = tmp_path / "toy"
+    folder.mkdir()
+    fill_the_disk(monkeypatch)
+
+    def no_run_may_start(*args, **kwargs):
+        raise AssertionError("a run started on a full disk")
+
+    monkeypatch.setattr(sweep, "open_executor", no_run_may_start)
+    code, out, err = normkit(capsys, "run", "toy", "--out", tmp_path, *STUDIES)
+    assert (code, out, err) == (2, "", f"normkit: cannot write to {folder}: {FULL}\n")
+    assert list(folder.iterdir()) == []
