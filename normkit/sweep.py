@@ -769,7 +769,8 @@ class SweepReport:
     ok: int = 0
     diverged: int = 0
     failed: int = 0            # failed runs of the grid in runs.csv, from this sweep or before
-    not_done: int = 0          # lost to a crashed worker pool; rerun to retry
+    not_done: int = 0          # lost to a crashed worker pool or a lost scheduler; rerun
+    lost_to: str = ""          # why: "a worker process died", "the Dask scheduler ..."
 
     @property
     def exit_code(self) -> int:
@@ -782,7 +783,7 @@ class SweepReport:
         if self.failed:
             text += " (retry them with --rerun-failed)"
         if self.not_done:
-            text += f"; {self.not_done} not done (a worker process died; rerun to resume)"
+            text += f"; {self.not_done} not done ({self.lost_to}; rerun to resume)"
         return text
 
 
@@ -798,30 +799,59 @@ def run_sweep(study: Study, directory: str | os.PathLike, executor: cf.Executor 
     ``if __name__ == "__main__":`` guard.
     """
     directory = Path(directory)
-    _prepare_dir(directory)
+    created = [p for p in (directory, *directory.parents) if not p.exists()]
+    try:
+        _prepare_dir(directory)
+        with _exclusive(directory):
+            try:
+                return _sweep(study, directory, executor, quick, rerun_failed, jobs, scheduler,
+                              connect_timeout, progress)
+            except BaseException:
+                if created:
+                    _remove_unused_runs_csv(directory)
+                raise
+    except BaseException:      # e.g. an unreachable scheduler: leave no empty results behind
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _remove_unused_runs_csv(directory: Path) -> None:
+    """Remove runs.csv and .lock of a new folder if no run was recorded in it (lock held)."""
+    runs = directory / "runs.csv"
+    with contextlib.suppress(OSError):
+        if runs.read_bytes().count(b"\n") <= 1:
+            runs.unlink()
+            (directory / ".lock").unlink()
+
+
+def _sweep(study: Study, directory: Path, executor: cf.Executor | None, quick: bool,
+           rerun_failed: bool, jobs: int | None, scheduler: str | None, connect_timeout: float,
+           progress: bool | None) -> SweepReport:
+    """run_sweep, once the folder is locked."""
     configs = study.configs(quick)
-    with _exclusive(directory):
-        runs = RunLog(directory / "runs.csv", study)
-        runs.open()
-        keys = [config_key(c) for c in configs]
-        if rerun_failed:
-            retry = {k for k in keys if runs.status.get(k, "ok") not in DONE_STATUSES}
-            if retry:
-                log.info("%s: retrying %d failed runs", study.name, len(retry))
-                runs.drop(retry)
-        todo = [c for c, k in zip(configs, keys) if k not in runs.status]
-        report = SweepReport(study.name, directory, total=len(configs),
-                             skipped=len(configs) - len(todo))
-        if todo:
-            shown_fields = _varying_fields(configs) or ["seed"]
-            with contextlib.ExitStack() as stack:
-                if executor is None:
-                    executor = stack.enter_context(open_executor(jobs, scheduler,
-                                                                 connect_timeout))
-                _execute(study, todo, runs, executor, report, progress, shown_fields)
-        report.failed = sum(runs.status.get(k) not in (None, *DONE_STATUSES) for k in keys)
-        if not report.not_done:
-            os.utime(runs.path)   # "checked against the current grid now" (for make)
+    runs = RunLog(directory / "runs.csv", study)
+    runs.open()
+    keys = [config_key(c) for c in configs]
+    if rerun_failed:
+        retry = {k for k in keys if runs.status.get(k, "ok") not in DONE_STATUSES}
+        if retry:
+            log.info("%s: retrying %d failed runs", study.name, len(retry))
+            runs.drop(retry)
+    todo = [c for c, k in zip(configs, keys) if k not in runs.status]
+    report = SweepReport(study.name, directory, total=len(configs),
+                         skipped=len(configs) - len(todo))
+    if todo:
+        shown_fields = _varying_fields(configs) or ["seed"]
+        with contextlib.ExitStack() as stack:
+            if executor is None:
+                executor = stack.enter_context(open_executor(jobs, scheduler,
+                                                             connect_timeout))
+            _execute(study, todo, runs, executor, report, progress, shown_fields)
+    report.failed = sum(runs.status.get(k) not in (None, *DONE_STATUSES) for k in keys)
+    if not report.not_done:
+        os.utime(runs.path)   # "checked against the current grid now" (for make)
     return report
 
 
@@ -852,16 +882,14 @@ def _collect(study: Study, futures: dict, provenance: dict, runs: RunLog, report
     with bar:
         for future in cf.as_completed(futures):
             config = futures[future]
-            if future.cancelled():
-                report.not_done += 1
+            if future.cancelled():      # not by this sweep: Dask drops its futures when the
+                _not_done(study, report,  # scheduler dies or the client closes
+                          "the Dask scheduler was lost or cancelled them", "")
                 continue
             try:
                 result = future.result()
             except cf.BrokenExecutor as exc:
-                report.not_done += 1
-                if report.not_done == 1:
-                    log.error("%s: the worker pool broke (%s); the runs not recorded yet are "
-                              "left for the next sweep", study.name, exc)
+                _not_done(study, report, "a worker process died", f" ({exc})")
                 continue
             except Exception as exc:   # outside run(): importing the study, Dask KilledWorker
                 result = {"status": "failed", "metrics": {}, "traceback": "", "seconds": math.nan,
@@ -870,6 +898,14 @@ def _collect(study: Study, futures: dict, provenance: dict, runs: RunLog, report
             _record(study, config, result, provenance, runs, report)
             bar.update()
             _log_run(report, config, result, shown_fields)
+
+
+def _not_done(study: Study, report: SweepReport, why: str, detail: str) -> None:
+    report.not_done += 1
+    if report.not_done == 1:
+        report.lost_to = why
+        log.error("%s: %s%s; the runs not recorded yet are left for the next sweep",
+                  study.name, why, detail)
 
 
 def _record(study: Study, config: Any, result: dict, provenance: dict, runs: RunLog,

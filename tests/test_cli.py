@@ -1,12 +1,16 @@
 """The `normkit` command: each subcommand, each error message, each exit code."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -158,10 +162,57 @@ def test_unreachable_scheduler(capsys, tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     code, _, err = normkit(capsys, "run", "toy", "--scheduler", f"tcp://127.0.0.1:{port}",
-                           "--connect-timeout", "0.5", "--out", tmp_path, *STUDIES)
+                           "--connect-timeout", "0.5", "--out", tmp_path / "results", *STUDIES)
     assert code == 2
     assert err.startswith(f"normkit: cannot reach the Dask scheduler at tcp://127.0.0.1:{port}: ")
     assert len(err.splitlines()) == 1
+    assert not (tmp_path / "results").exists()     # no folder, .lock or header-only runs.csv
+
+
+def test_a_lost_scheduler_is_named_in_the_summary(tmp_path):
+    """The Dask scheduler (not a worker) dies mid-sweep: the runs not recorded are left for the
+    next sweep, and the summary says why."""
+    pytest.importorskip("distributed")
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "TOY_SLEEP": "0.3"}
+    address_file = tmp_path / "scheduler.json"
+    dask = [sys.executable, "-m"]
+    started = []
+    try:
+        for args in (["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0"],
+                     ["distributed.cli.dask_worker", "--nthreads", "1"]):
+            started.append(subprocess.Popen(
+                [*dask, *args, "--no-dashboard", "--scheduler-file", str(address_file)],
+                env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL))
+            deadline = time.monotonic() + 60
+            while not address_file.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        address = json.loads(address_file.read_text())["address"]
+        runs = tmp_path / "results" / "toy" / "runs.csv"
+        with open(tmp_path / "stdout.txt", "wb") as stdout:
+            sweep_process = subprocess.Popen(
+                [sys.executable, "-m", "normkit", "run", "toy", "--scheduler", address,
+                 "--connect-timeout", "2", "--no-summary", "--out", str(tmp_path / "results"),
+                 *STUDIES], env=env, stdout=stdout, stderr=subprocess.DEVNULL)
+        started.append(sweep_process)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (not runs.exists() or
+                                               len(runs.read_bytes().splitlines()) < 3):
+            time.sleep(0.02)
+        os.killpg(started[0].pid, signal.SIGKILL)          # the scheduler
+        assert sweep_process.wait(timeout=60) == 1
+    finally:
+        for process in started[:2]:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+        for process in started:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            process.wait(timeout=30)
+    summary = (tmp_path / "stdout.txt").read_text()
+    assert "not done (the Dask scheduler was lost or cancelled them; rerun to resume)" in summary
+    assert "worker process died" not in summary
 
 
 def test_scheduler_without_dask_installed(capsys, tmp_path, monkeypatch):
