@@ -494,7 +494,10 @@ def read_runs_file(path: Path, study: Study, *, repair: bool = False) -> RunsFil
     break, left by a write that was cut short, is left out with a warning (``repair``: the
     caller cuts it off the file).
     """
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SweepError(f"cannot read {path}: {exc.strerror or exc}") from None
     if not data:
         raise SweepError(f"{path}, line 1: the file is empty, not even a header line; remove "
                          "it to start over")
@@ -675,8 +678,8 @@ def open_executor(jobs: int | None = None, scheduler: str | None = None,
     with _worker_environment():
         if scheduler is None:
             import multiprocessing
-            pool = cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                          initializer=_die_with_parent, initargs=(os.getpid(),))
+            pool = _LocalPool(jobs, mp_context=multiprocessing.get_context("spawn"),
+                              initializer=_die_with_parent, initargs=(os.getpid(),))
             with _shut_down(pool):
                 yield pool
             return
@@ -684,6 +687,12 @@ def open_executor(jobs: int | None = None, scheduler: str | None = None,
             executor = client.get_executor(pure=False)
             with _shut_down(executor):
                 yield executor
+
+
+class _LocalPool(cf.ProcessPoolExecutor):
+    """open_executor's pool: on an error its workers are terminated (``_shut_down``), so its
+    futures are not cancelled first: Python 3.11's pool then fails every pending future, which
+    raises in its manager thread on a cancelled one."""
 
 
 PARENT_POLL_SECONDS = 0.5
@@ -717,7 +726,7 @@ def _shut_down(executor: cf.Executor) -> Iterator[None]:
         yield
     except BaseException:
         with contextlib.suppress(Exception):
-            if isinstance(executor, cf.ProcessPoolExecutor):
+            if isinstance(executor, _LocalPool):
                 _terminate_workers(executor)
             else:
                 executor.shutdown(wait=False)
@@ -864,9 +873,7 @@ def _execute(study: Study, todo: list, runs: RunLog, executor: cf.Executor,
     try:
         _collect(study, futures, provenance, runs, report, progress, shown_fields)
     except BaseException:             # Ctrl-C, SIGTERM, a full disk: runs in flight are lost
-        # A local pool is not cancelled: open_executor terminates its workers, and Python 3.11's
-        # pool then fails every pending future, which raises in its thread on a cancelled one.
-        if not isinstance(executor, cf.ProcessPoolExecutor):
+        if not isinstance(executor, _LocalPool):    # whose workers are terminated instead
             for future in futures:
                 future.cancel()
         raise
