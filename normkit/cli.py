@@ -5,9 +5,11 @@
     normkit table STUDY [--quick]         rewrite the tables and figures from runs.csv
     normkit bench [ARGS...]               runs benchmarks/kernels.py ARGS...
 
-Exit codes: 0 ok; 1 some runs failed (or a worker died, or a study's table/figure hook failed);
-2 the command could not start (usage, unknown or broken study, unreachable scheduler, unwritable
-output folder, a runs.csv of another shape); 130 interrupted.
+Exit codes: 0 ok; 1 some runs failed (or were left undone because a worker or the Dask scheduler
+died, or a study's table/figure hook failed); 2 the command could not start or go on (usage,
+unknown or broken study, unreachable scheduler, unwritable folder or full disk, a damaged
+runs.csv or one of another shape); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM). After
+130 and 143 the finished runs are kept: the same command resumes.
 """
 from __future__ import annotations
 
@@ -61,7 +63,9 @@ def _positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="normkit", description="Run normkit's studies and benchmarks.",
-        epilog="Exit codes: 0 ok, 1 some runs failed, 2 usage or setup error, 130 interrupted.")
+        epilog="Exit codes: 0 ok, 1 some runs failed or were left undone, 2 usage, setup or "
+               "data error (a damaged runs.csv, a full disk), 130 interrupted, 143 terminated "
+               "(SIGTERM).")
     parser.add_argument("--version", action="version", version=f"normkit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
