@@ -78,9 +78,9 @@ one header, then one line per finished run: the config fields, the declared metr
   written in part is cut back, a rewrite leaves the old file and no temp file. A probe
   (``PROBE_BYTES``) is written before the first run, so a disk that is still full fails at once.
 
-Tables and figures: ``summarize`` reads runs.csv (``read_runs``) and writes ``table.md``, ``table.csv``
-and ``<name>.png`` per figure; mean ± std over seeds of the ok runs, with counts of diverged and
-failed runs.
+Tables and figures: ``summarize`` reads runs.csv (``read_runs``) and writes ``table.md``,
+``table.csv`` and ``<name>.png`` per figure; mean ± std over seeds of the ok runs, with counts of
+diverged and failed runs.
 """
 from __future__ import annotations
 
@@ -537,9 +537,9 @@ def _row_problem(study: Study, cells: list[str]) -> str:
             value = _number(row[name])
         except ValueError:
             return f"{name} {row[name]!r} is not a number"
-        if row["status"] == "ok" and name != "seconds" and row[name] and not math.isfinite(
-                value):
-            return f"{name} is {row[name]!r} in an ok run"
+        finite_or_empty = math.isfinite(value) or not row[name]
+        if row["status"] == "ok" and name in study.metrics and not finite_or_empty:
+            return f"{name} is {row[name]!r} in an ok run (a non-finite metric means diverged)"
     return ""
 
 
@@ -830,9 +830,10 @@ def _remove_unused_runs_csv(directory: Path) -> None:
     """Remove runs.csv and .lock of a new folder if no run was recorded in it (lock held)."""
     runs = directory / "runs.csv"
     with contextlib.suppress(OSError):
-        if runs.read_bytes().count(b"\n") <= 1:
-            runs.unlink()
-            (directory / ".lock").unlink()
+        if runs.exists() and runs.read_bytes().count(b"\n") > 1:
+            return
+        for path in (runs, directory / ".lock"):
+            path.unlink(missing_ok=True)
 
 
 def _sweep(study: Study, directory: Path, executor: cf.Executor | None, quick: bool,
@@ -889,10 +890,9 @@ def _collect(study: Study, futures: dict, provenance: dict, runs: RunLog, report
     with bar:
         for future in cf.as_completed(futures):
             config = futures[future]
-            if future.cancelled():      # not by this sweep: Dask drops its futures when the
-                _not_done(study, report,  # scheduler dies or the client closes
-                          "the Dask scheduler was lost or cancelled them", "")
-                continue
+            if future.cancelled():   # not by this sweep: Dask cancels them when it loses its
+                _not_done(study, report, "the Dask scheduler was lost or cancelled them", "")
+                continue             # scheduler (or a client cancels them)
             try:
                 result = future.result()
             except cf.BrokenExecutor as exc:
