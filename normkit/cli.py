@@ -5,9 +5,11 @@
     normkit table STUDY [--quick]         rewrite the tables and figures from runs.csv
     normkit bench [ARGS...]               runs benchmarks/kernels.py ARGS...
 
-Exit codes: 0 ok; 1 some runs failed (or a worker died, or a study's table/figure hook failed);
-2 the command could not start (usage, unknown or broken study, unreachable scheduler, unwritable
-output folder, a runs.csv of another shape); 130 interrupted.
+Exit codes: 0 ok; 1 some runs failed (or were left undone because a worker or the Dask scheduler
+died, or a study's table/figure hook failed); 2 the command could not start or go on (usage,
+unknown or broken study, unreachable scheduler, unwritable folder or full disk, a damaged
+runs.csv or one of another shape); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM). After
+130 and 143 the finished runs are kept: the same command resumes.
 """
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ import argparse
 import contextlib
 import logging
 import runpy
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -29,6 +33,11 @@ __all__ = ["main", "build_parser"]
 
 class CommandError(Exception):
     """Printed as one ``normkit: ...`` line; exit code 2."""
+
+
+class Terminated(BaseException):
+    """SIGTERM (``kill PID``, ``timeout``), raised in the main thread the way Ctrl-C raises
+    KeyboardInterrupt, so the sweep stops its workers and keeps its finished runs."""
 
 
 def _positive_int(text: str) -> int:
@@ -54,7 +63,9 @@ def _positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="normkit", description="Run normkit's studies and benchmarks.",
-        epilog="Exit codes: 0 ok, 1 some runs failed, 2 usage or setup error, 130 interrupted.")
+        epilog="Exit codes: 0 ok, 1 some runs failed or were left undone, 2 usage, setup or "
+               "data error (a damaged runs.csv, a full disk), 130 interrupted, 143 terminated "
+               "(SIGTERM).")
     parser.add_argument("--version", action="version", version=f"normkit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -106,16 +117,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code or 0)
     args.passed_on = passed_on
     command = {"list": _list, "run": _run, "table": _table, "bench": _bench}[args.command]
-    with _console_logging():
+    with _console_logging(), _sigterm_raises():
         try:
             return command(args)
         except (CommandError, SweepError) as exc:
             print(f"normkit: {exc}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print("normkit: interrupted; finished runs are kept in runs.csv: run the same "
-                  "command again to resume", file=sys.stderr)
-            return 130
+        except (KeyboardInterrupt, Terminated) as exc:
+            how, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted",
+                                                                                 130)
+            print(f"normkit: {how}; finished runs are kept in runs.csv: run the same command "
+                  "again to resume", file=sys.stderr)
+            return code
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises Terminated in the main thread (signals can only be handled there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

@@ -66,15 +66,21 @@ one header, then one line per finished run: the config fields, the declared metr
   record is a physical line. A torn last line (a crash inside a write) is cut off when the file
   is next opened. Rewrites (``--rerun-failed``) go through a temp file and an atomic rename and
   copy the kept lines byte for byte.
+- The sweep and the tables read runs.csv through one checking reader (``read_runs_file``): a
+  damaged line (not UTF-8, fields missing, an unknown status, a metric that is not a number)
+  is refused with the file and line named, never skipped into a wrong table.
 - Rows are keyed by the full config (every field, as written in the CSV). A finished run
   (ok/diverged) is never run again; failed runs are retried only with ``rerun_failed``.
   Changing a default or a grid value changes the key, so a stale row is never reused; rows that
   are not in the current grid stay in the file and are left out of the tables.
 - A lock file keeps two sweeps from appending to the same runs.csv.
+- A write that fails (a full disk) stops the sweep with a SweepError naming the file: a row
+  written in part is cut back, a rewrite leaves the old file and no temp file. A probe
+  (``PROBE_BYTES``) is written before the first run, so a disk that is still full fails at once.
 
-Tables and figures: ``summarize`` reads runs.csv with pandas and writes ``table.md``, ``table.csv``
-and ``<name>.png`` per figure; mean ± std over seeds of the ok runs, with counts of diverged and
-failed runs.
+Tables and figures: ``summarize`` reads runs.csv (``read_runs``) and writes ``table.md``,
+``table.csv`` and ``<name>.png`` per figure; mean ± std over seeds of the ok runs, with counts of
+diverged and failed runs.
 """
 from __future__ import annotations
 
@@ -83,6 +89,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime as dt
+import errno
 import hashlib
 import importlib.util
 import io
@@ -104,7 +111,7 @@ from typing import Any
 __all__ = [
     "Study", "Diverged", "SweepError", "SweepReport",
     "expand_grid", "find_studies", "load_study", "results_dir",
-    "open_executor", "run_sweep", "read_runs", "summarize",
+    "open_executor", "run_sweep", "read_runs", "read_runs_file", "summarize",
     "aggregate", "summary_table", "markdown_table", "format_mean_std", "line_plot",
 ]
 
@@ -377,49 +384,52 @@ def _one_line(text: str) -> str:
 class RunLog:
     """runs.csv: a fixed header, then one whole, fsync-ed line per finished run (parent only)."""
 
-    def __init__(self, path: Path, columns: Sequence[str], key_columns: Sequence[str]):
+    def __init__(self, path: Path, study: Study):
         self.path = Path(path)
-        self.columns = tuple(columns)
-        self.key_width = len(key_columns)
+        self.study = study
+        self.columns = study.columns
+        self.key_width = len(study.field_names)
         self.lines: list[bytes] = []            # data lines as on disk, with their b"\n"
         self.status: dict[tuple[str, ...], str] = {}
 
     def open(self) -> None:
-        """Create the file or read it back: check the header, cut a torn last line."""
-        data = self.path.read_bytes() if self.path.exists() else b""
-        if data and not data.endswith(b"\n"):
-            cut = data.rfind(b"\n") + 1
-            log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted write",
-                        self.path, len(data) - cut)
-            with open(self.path, "r+b") as f:
-                f.truncate(cut)
-                os.fsync(f.fileno())
-            data = data[:cut]
-        if not data:
-            self._write_atomically([])
+        """Create the file or read it back (checked by ``read_runs_file``); cut a torn last
+        line."""
+        if not self.path.exists():
+            self._rewrite([])
             return
-        lines = data.splitlines(keepends=True)
-        header = _parse_line(lines[0])
-        if tuple(header) != self.columns:
-            raise SweepError(
-                f"{self.path} has columns {header} but the study now writes {list(self.columns)}: "
-                "its config fields or metrics changed. Move the old file away to start over.")
-        for number, line in enumerate(lines[1:], start=2):
-            cells = _parse_line(line)
-            if len(cells) != len(self.columns):
-                raise SweepError(f"{self.path}, line {number}: {len(cells)} fields, expected "
-                                 f"{len(self.columns)}; fix or remove that line")
+        runs = read_runs_file(self.path, self.study, repair=True)
+        if runs.torn:
+            with open(self.path, "r+b") as f:
+                f.truncate(runs.size)
+                os.fsync(f.fileno())
+        if not runs.size:                       # nothing left but a torn header
+            self._rewrite([])
+            return
+        status = self.columns.index("status")
+        for line, cells in zip(runs.lines, runs.rows):
             self.lines.append(line)
-            self.status[tuple(cells[:self.key_width])] = cells[self.columns.index("status")]
+            self.status[tuple(cells[:self.key_width])] = cells[status]
 
     def append(self, row: Mapping[str, Any]) -> None:
+        """Write one whole line; if the write fails (disk full), cut what it wrote."""
         line = _format_line([row.get(c) for c in self.columns])
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         try:
-            _write_all(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            try:
+                size = os.fstat(fd).st_size
+                try:
+                    _write_all(fd, line)
+                    os.fsync(fd)
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, size)
+                    raise
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise _write_error(f"cannot append a run to {self.path}", exc,
+                               "the runs recorded before it are intact") from None
         self.lines.append(line)
         self.status[tuple(_parse_line(line)[:self.key_width])] = row["status"]
 
@@ -427,20 +437,115 @@ class RunLog:
         """Remove the rows of these configs (temp file + atomic rename; other lines kept as is)."""
         kept = [line for line in self.lines
                 if tuple(_parse_line(line)[:self.key_width]) not in keys]
-        self._write_atomically(kept)
+        self._rewrite(kept)
         self.lines = kept
         for key in keys:
             self.status.pop(key, None)
 
-    def _write_atomically(self, lines: list[bytes]) -> None:
-        temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(temp, "wb") as f:
-            f.write(_format_line(self.columns))
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, self.path)
-        _fsync_dir(self.path.parent)
+    def _rewrite(self, lines: list[bytes]) -> None:
+        _write_atomically(self.path, b"".join([_format_line(self.columns), *lines]))
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` whole: a temp file, fsync, rename. If that fails (disk
+    full), ``path`` is as it was and the temp file is removed."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        if isinstance(exc, OSError):
+            raise _write_error(f"cannot write {path}", exc, "it is unchanged") from None
+        raise
+    _fsync_dir(path.parent)
+
+
+def _write_error(action: str, exc: OSError, state: str = "") -> SweepError:
+    """One line for a failed write: what failed on which file, what was kept, what to do."""
+    text = f"{action}: {exc.strerror or exc}" + (f" ({state})" if state else "")
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        text += "; free some space, then run the same command again"
+    return SweepError(text)
+
+
+@dataclasses.dataclass
+class RunsFile:
+    """runs.csv as read and checked by ``read_runs_file``."""
+
+    lines: list[bytes]           # the data lines as on disk, each with its b"\n"
+    rows: list[list[str]]        # their cells
+    size: int                    # bytes of the header and the whole lines
+    torn: int                    # bytes of a torn last line that were left out (0: none)
+
+
+def read_runs_file(path: Path, study: Study, *, repair: bool = False) -> RunsFile:
+    """Read runs.csv and check every line; the one reader of ``normkit run`` and ``table``.
+
+    A damaged line (not UTF-8, a wrong number of fields, an unknown status, a metric or
+    ``seconds`` that is not a number, a non-finite metric in an ok row) raises SweepError
+    naming the file and the line, so no table is built from it. A last line without its line
+    break, left by a write that was cut short, is left out with a warning (``repair``: the
+    caller cuts it off the file).
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SweepError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not data:
+        raise SweepError(f"{path}, line 1: the file is empty, not even a header line; remove "
+                         "it to start over")
+    size = data.rfind(b"\n") + 1
+    if size < len(data):
+        action = "cutting it off" if repair else "leaving it out (`normkit run` cuts it off)"
+        log.warning("%s: a torn last line (%d bytes) left by an interrupted write; %s",
+                    path, len(data) - size, action)
+    lines = data[:size].splitlines(keepends=True)
+    if not lines:
+        return RunsFile([], [], 0, len(data))
+    header = _parse_line(lines[0], path, 1)
+    if tuple(header) != study.columns:
+        raise SweepError(
+            f"{path} has columns {header} but the study now writes {list(study.columns)}: "
+            "its config fields or metrics changed. Move the old file away to start over.")
+    rows = []
+    for number, line in enumerate(lines[1:], start=2):
+        cells = _parse_line(line, path, number)
+        problem = _row_problem(study, cells)
+        if problem:
+            raise SweepError(f"{path}, line {number}: {problem}; fix or remove that line "
+                             "(a removed run is redone by the next `normkit run`)")
+        rows.append(cells)
+    return RunsFile(lines[1:], rows, size, len(data) - size)
+
+
+def _row_problem(study: Study, cells: list[str]) -> str:
+    """What is wrong with a data line's cells, or "" if nothing."""
+    if len(cells) != len(study.columns):
+        return f"{len(cells)} fields, expected {len(study.columns)}"
+    row = dict(zip(study.columns, cells))
+    if row["status"] not in STATUSES:
+        return f"status {row['status']!r} is not one of {', '.join(STATUSES)}"
+    for name in (*study.metrics, "seconds"):
+        try:
+            value = _number(row[name])
+        except ValueError:
+            return f"{name} {row[name]!r} is not a number"
+        finite_or_empty = math.isfinite(value) or not row[name]
+        if row["status"] == "ok" and name in study.metrics and not finite_or_empty:
+            return f"{name} is {row[name]!r} in an ok run (a non-finite metric means diverged)"
+    return ""
+
+
+def _number(cell: str) -> float:
+    """A metric or ``seconds`` cell as a float; empty (not returned by the run) -> NaN."""
+    return float(cell) if cell else math.nan
 
 
 def _format_line(values: Sequence[Any]) -> bytes:
@@ -450,8 +555,13 @@ def _format_line(values: Sequence[Any]) -> bytes:
     return buffer.getvalue().encode("utf-8")
 
 
-def _parse_line(line: bytes) -> list[str]:
-    return next(csv.reader([line.decode("utf-8").rstrip("\n")]), [])
+def _parse_line(line: bytes, path: Path | None = None, number: int = 0) -> list[str]:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SweepError(f"{path}, line {number}: not UTF-8 text (byte {line[exc.start]:#04x} "
+                         f"at column {exc.start + 1}); fix or remove that line") from None
+    return next(csv.reader([text.rstrip("\n")]), [])
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -485,14 +595,23 @@ def _exclusive(folder: Path) -> Iterator[None]:
         yield
 
 
+PROBE_BYTES = 64 * 1024   # room a sweep needs before its first run: rows, errors.log, tables
+
+
 def _prepare_dir(folder: Path) -> None:
+    """Create the results folder and write a probe, so that a read-only folder or a full disk
+    is found before a run is spent, not when its result is appended."""
+    probe = folder / f".write-test-{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            _write_all(fd, bytes(PROBE_BYTES))
+        finally:
+            os.close(fd)
+            probe.unlink()
     except OSError as exc:
-        raise SweepError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+        raise _write_error(f"cannot write to {folder}", exc) from None
 
 
 # ------------------------------------------------------------------------------------ provenance
@@ -559,7 +678,8 @@ def open_executor(jobs: int | None = None, scheduler: str | None = None,
     with _worker_environment():
         if scheduler is None:
             import multiprocessing
-            pool = cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+            pool = _LocalPool(jobs, mp_context=multiprocessing.get_context("spawn"),
+                              initializer=_die_with_parent, initargs=(os.getpid(),))
             with _shut_down(pool):
                 yield pool
             return
@@ -569,18 +689,59 @@ def open_executor(jobs: int | None = None, scheduler: str | None = None,
                 yield executor
 
 
+class _LocalPool(cf.ProcessPoolExecutor):
+    """open_executor's pool: on an error its workers are terminated (``_shut_down``), so its
+    futures are not cancelled first: Python 3.11's pool then fails every pending future, which
+    raises in its manager thread on a cancelled one."""
+
+
+PARENT_POLL_SECONDS = 0.5
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Pool worker initializer: exit as soon as the sweep's process is gone.
+
+    A parent killed by SIGKILL or the OOM killer cannot stop its workers, and orphans would run
+    on for the rest of their training runs. A daemon thread polls ``os.getppid()``: portable, and
+    unlike Linux's parent-death signal it does not tie the worker to the parent *thread* that
+    happened to spawn it (a pool shared by sweeps run in threads would lose workers).
+    """
+    if os.getppid() != parent_pid:      # the parent died while this worker was starting
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True,
+                     name="normkit-watch-parent").start()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:    # reparented (to init or a subreaper) once it dies
+        time.sleep(PARENT_POLL_SECONDS)
+    os._exit(1)
+
+
 @contextlib.contextmanager
 def _shut_down(executor: cf.Executor) -> Iterator[None]:
+    """Shut the executor down; on an exception (Ctrl-C, SIGTERM, a full disk) stop the local
+    workers at once instead of waiting for runs that can no longer be recorded."""
     try:
         yield
     except BaseException:
         with contextlib.suppress(Exception):
-            if isinstance(executor, cf.ProcessPoolExecutor):
-                executor.shutdown(wait=False, cancel_futures=True)
+            if isinstance(executor, _LocalPool):
+                _terminate_workers(executor)
             else:
                 executor.shutdown(wait=False)
         raise
     executor.shutdown(wait=True)
+
+
+def _terminate_workers(pool: cf.ProcessPoolExecutor) -> None:
+    if hasattr(pool, "terminate_workers"):      # Python >= 3.14
+        pool.terminate_workers()
+        return
+    for worker in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(Exception):
+            worker.terminate()
+    pool.shutdown(wait=True)    # the pool fails its pending futures and joins its threads
 
 
 @contextlib.contextmanager
@@ -617,7 +778,8 @@ class SweepReport:
     ok: int = 0
     diverged: int = 0
     failed: int = 0            # failed runs of the grid in runs.csv, from this sweep or before
-    not_done: int = 0          # lost to a crashed worker pool; rerun to retry
+    not_done: int = 0          # lost to a crashed worker pool or a lost scheduler; rerun
+    lost_to: str = ""          # why: "a worker process died", "the Dask scheduler ..."
 
     @property
     def exit_code(self) -> int:
@@ -630,7 +792,7 @@ class SweepReport:
         if self.failed:
             text += " (retry them with --rerun-failed)"
         if self.not_done:
-            text += f"; {self.not_done} not done (a worker process died; rerun to resume)"
+            text += f"; {self.not_done} not done ({self.lost_to}; rerun to resume)"
         return text
 
 
@@ -646,30 +808,60 @@ def run_sweep(study: Study, directory: str | os.PathLike, executor: cf.Executor 
     ``if __name__ == "__main__":`` guard.
     """
     directory = Path(directory)
-    _prepare_dir(directory)
+    created = [p for p in (directory, *directory.parents) if not p.exists()]
+    try:
+        _prepare_dir(directory)
+        with _exclusive(directory):
+            try:
+                return _sweep(study, directory, executor, quick, rerun_failed, jobs, scheduler,
+                              connect_timeout, progress)
+            except BaseException:
+                if created:
+                    _remove_unused_runs_csv(directory)
+                raise
+    except BaseException:      # e.g. an unreachable scheduler: leave no empty results behind
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _remove_unused_runs_csv(directory: Path) -> None:
+    """Remove runs.csv and .lock of a new folder if no run was recorded in it (lock held)."""
+    runs = directory / "runs.csv"
+    with contextlib.suppress(OSError):
+        if runs.exists() and runs.read_bytes().count(b"\n") > 1:
+            return
+        for path in (runs, directory / ".lock"):
+            path.unlink(missing_ok=True)
+
+
+def _sweep(study: Study, directory: Path, executor: cf.Executor | None, quick: bool,
+           rerun_failed: bool, jobs: int | None, scheduler: str | None, connect_timeout: float,
+           progress: bool | None) -> SweepReport:
+    """run_sweep, once the folder is locked."""
     configs = study.configs(quick)
-    with _exclusive(directory):
-        runs = RunLog(directory / "runs.csv", study.columns, study.field_names)
-        runs.open()
-        keys = [config_key(c) for c in configs]
-        if rerun_failed:
-            retry = {k for k in keys if runs.status.get(k, "ok") not in DONE_STATUSES}
-            if retry:
-                log.info("%s: retrying %d failed runs", study.name, len(retry))
-                runs.drop(retry)
-        todo = [c for c, k in zip(configs, keys) if k not in runs.status]
-        report = SweepReport(study.name, directory, total=len(configs),
-                             skipped=len(configs) - len(todo))
-        if todo:
-            shown_fields = _varying_fields(configs) or ["seed"]
-            with contextlib.ExitStack() as stack:
-                if executor is None:
-                    executor = stack.enter_context(open_executor(jobs, scheduler,
-                                                                 connect_timeout))
-                _execute(study, todo, runs, executor, report, progress, shown_fields)
-        report.failed = sum(runs.status.get(k) not in (None, *DONE_STATUSES) for k in keys)
-        if not report.not_done:
-            os.utime(runs.path)   # "checked against the current grid now" (for make)
+    runs = RunLog(directory / "runs.csv", study)
+    runs.open()
+    keys = [config_key(c) for c in configs]
+    if rerun_failed:
+        retry = {k for k in keys if runs.status.get(k, "ok") not in DONE_STATUSES}
+        if retry:
+            log.info("%s: retrying %d failed runs", study.name, len(retry))
+            runs.drop(retry)
+    todo = [c for c, k in zip(configs, keys) if k not in runs.status]
+    report = SweepReport(study.name, directory, total=len(configs),
+                         skipped=len(configs) - len(todo))
+    if todo:
+        shown_fields = _varying_fields(configs) or ["seed"]
+        with contextlib.ExitStack() as stack:
+            if executor is None:
+                executor = stack.enter_context(open_executor(jobs, scheduler,
+                                                             connect_timeout))
+            _execute(study, todo, runs, executor, report, progress, shown_fields)
+    report.failed = sum(runs.status.get(k) not in (None, *DONE_STATUSES) for k in keys)
+    if not report.not_done:
+        os.utime(runs.path)   # "checked against the current grid now" (for make)
     return report
 
 
@@ -681,9 +873,10 @@ def _execute(study: Study, todo: list, runs: RunLog, executor: cf.Executor,
     futures = {executor.submit(_run_one, ref, config_fields(c)): c for c in todo}
     try:
         _collect(study, futures, provenance, runs, report, progress, shown_fields)
-    except BaseException:             # KeyboardInterrupt: runs in flight are not recorded
-        for future in futures:
-            future.cancel()
+    except BaseException:             # Ctrl-C, SIGTERM, a full disk: runs in flight are lost
+        if not isinstance(executor, _LocalPool):    # whose workers are terminated instead
+            for future in futures:
+                future.cancel()
         raise
 
 
@@ -697,16 +890,13 @@ def _collect(study: Study, futures: dict, provenance: dict, runs: RunLog, report
     with bar:
         for future in cf.as_completed(futures):
             config = futures[future]
-            if future.cancelled():
-                report.not_done += 1
-                continue
+            if future.cancelled():   # not by this sweep: Dask cancels them when it loses its
+                _not_done(study, report, "the Dask scheduler was lost or cancelled them", "")
+                continue             # scheduler (or a client cancels them)
             try:
                 result = future.result()
             except cf.BrokenExecutor as exc:
-                report.not_done += 1
-                if report.not_done == 1:
-                    log.error("%s: the worker pool broke (%s); the runs not recorded yet are "
-                              "left for the next sweep", study.name, exc)
+                _not_done(study, report, "a worker process died", f" ({exc})")
                 continue
             except Exception as exc:   # outside run(): importing the study, Dask KilledWorker
                 result = {"status": "failed", "metrics": {}, "traceback": "", "seconds": math.nan,
@@ -715,6 +905,14 @@ def _collect(study: Study, futures: dict, provenance: dict, runs: RunLog, report
             _record(study, config, result, provenance, runs, report)
             bar.update()
             _log_run(report, config, result, shown_fields)
+
+
+def _not_done(study: Study, report: SweepReport, why: str, detail: str) -> None:
+    report.not_done += 1
+    if report.not_done == 1:
+        report.lost_to = why
+        log.error("%s: %s%s; the runs not recorded yet are left for the next sweep",
+                  study.name, why, detail)
 
 
 def _record(study: Study, config: Any, result: dict, provenance: dict, runs: RunLog,
@@ -728,8 +926,13 @@ def _record(study: Study, config: Any, result: dict, provenance: dict, runs: Run
         setattr(report, result["status"], getattr(report, result["status"]) + 1)
     if result["traceback"]:
         stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        with open(runs.path.with_name("errors.log"), "a", encoding="utf-8") as f:
-            f.write(f"--- {stamp} {study.name} {config!r}\n{result['traceback']}\n")
+        errors = runs.path.with_name("errors.log")
+        try:
+            with open(errors, "a", encoding="utf-8") as f:
+                f.write(f"--- {stamp} {study.name} {config!r}\n{result['traceback']}\n")
+        except OSError as exc:
+            raise _write_error(f"cannot append a traceback to {errors}", exc,
+                               f"the run is recorded in {runs.path}") from None
 
 
 def _log_run(report: SweepReport, config: Any, result: dict, shown: list[str]) -> None:
@@ -765,25 +968,27 @@ def read_runs(study: Study, directory: str | os.PathLike, *,
     path = Path(directory) / "runs.csv"
     if not path.exists():
         raise SweepError(f"no runs yet for study {study.name!r}: {path} does not exist")
-    raw = pd.read_csv(path, dtype=str, keep_default_na=False)
-    if tuple(raw.columns) != study.columns:
-        raise SweepError(f"{path} has columns {list(raw.columns)} but the study writes "
-                         f"{list(study.columns)}: its config fields or metrics changed")
     grid = {config_key(c): (i, c) for i, c in enumerate(study.configs(quick))}
-    keys = list(zip(*(raw[name] for name in study.field_names))) if len(raw) else []
-    position = pd.Series([grid[k][0] if k in grid else -1 for k in keys], index=raw.index,
-                         dtype="int64")
-    kept = raw[position >= 0].assign(_position=position[position >= 0])
-    kept = kept.drop_duplicates("_position", keep="last").sort_values("_position")
+    latest: dict[int, list[str]] = {}           # grid position -> cells of its latest row
+    left_out = 0
+    for cells in read_runs_file(path, study).rows:
+        position = grid.get(tuple(cells[:len(study.field_names)]), (-1, None))[0]
+        if position < 0:
+            left_out += 1
+        else:
+            latest[position] = cells
     configs = [grid_config for _, grid_config in sorted(grid.values(), key=lambda p: p[0])]
-    fields = pd.DataFrame([config_fields(configs[i]) for i in kept["_position"]],
+    positions = sorted(latest)
+    fields = pd.DataFrame([config_fields(configs[i]) for i in positions],
                           columns=list(study.field_names))
-    numbers = {name: pd.to_numeric(kept[name], errors="coerce").to_numpy(dtype=float)
+    column = {name: study.columns.index(name) for name in study.columns}
+    numbers = {name: [_number(latest[i][column[name]]) for i in positions]
                for name in (*study.metrics, "seconds")}
-    texts = {name: kept[name].to_numpy() for name in PROVENANCE_COLUMNS if name != "seconds"}
+    texts = {name: pd.Series([latest[i][column[name]] for i in positions], dtype=str)
+             for name in PROVENANCE_COLUMNS if name != "seconds"}
     # one concat, not a column at a time: a study may have hundreds of metric columns
     frame = pd.concat([fields, pd.DataFrame({**numbers, **texts}, index=fields.index)], axis=1)
-    return frame[list(study.columns)], int((position < 0).sum())
+    return frame[list(study.columns)], left_out
 
 
 def summarize(study: Study, directory: str | os.PathLike, *, quick: bool = False) -> list[Path]:
@@ -805,11 +1010,12 @@ def summarize(study: Study, directory: str | os.PathLike, *, quick: bool = False
     for name, table in named.items():
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.")
         csv_path = directory / (f"table_{slug}.csv" if name else "table.csv")
-        table.to_csv(csv_path, index=not isinstance(table.index, _range_index()))
+        text = table.to_csv(index=not isinstance(table.index, _range_index()))
+        _write_atomically(csv_path, text.encode("utf-8"))
         written.append(csv_path)
     markdown = _table_document(study, frame, named, left_out, quick)
     md_path = directory / "table.md"
-    _replace_text(md_path, markdown)
+    _write_atomically(md_path, markdown.encode("utf-8"))
     written.insert(0, md_path)
     if not frame.empty:
         written += _write_figures(study, frame, directory)
@@ -831,7 +1037,7 @@ def _write_reports(study: Study, frame: Any, directory: Path) -> list[Path]:
             raise SweepError(f"{study.name}: report {name!r} must be text, got "
                              f"{type(text).__name__}")
         path = directory / name
-        _replace_text(path, text)
+        _write_atomically(path, text.encode("utf-8"))
         written.append(path)
     return written
 
@@ -871,12 +1077,6 @@ def _fixed_fields(study: Study, quick: bool) -> dict[str, Any]:
     return {k: v for k, v in config_fields(configs[0]).items() if k not in varying | {"seed"}}
 
 
-def _replace_text(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)
-
-
 def _write_figures(study: Study, frame: Any, directory: Path) -> list[Path]:
     if study.figures is None:
         return []
@@ -891,7 +1091,9 @@ def _write_figures(study: Study, frame: Any, directory: Path) -> list[Path]:
     written = []
     for name, figure in study.figures(frame).items():
         path = directory / f"{name}.png"
-        figure.savefig(path, dpi=120, bbox_inches="tight")
+        image = io.BytesIO()
+        figure.savefig(image, format="png", dpi=120, bbox_inches="tight")
+        _write_atomically(path, image.getvalue())
         written.append(path)
         if "matplotlib.pyplot" in sys.modules:
             sys.modules["matplotlib.pyplot"].close(figure)

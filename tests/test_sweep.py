@@ -3,6 +3,7 @@ tables. The toy study in tests/studies_fixture/toy.py is the study under test; i
 recomputed here from the same seeded draws as the oracle."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import datetime as dt
@@ -336,6 +337,62 @@ def test_sigkill_mid_sweep_then_rerun_gives_every_config_once(tmp_path):
     keys = [tuple(r[f] for f in TOY.field_names) for r in rows]
     assert sorted(keys) == sorted(sweep.config_key(c) for c in TOY.configs(quick=False))
     assert all(len(r) == len(TOY.columns) and None not in r.values() for r in rows)
+
+
+def sweep_command(tmp_path: Path, toy_sleep: str) -> tuple[list[str], dict[str, str]]:
+    """`python -m normkit run toy` (full grid, 2 workers) and its environment."""
+    command = [sys.executable, "-m", "normkit", "run", "toy", "--jobs", "2",
+               "--studies-dir", str(FIXTURE), "--out", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "TOY_SLEEP": toy_sleep}
+    return command, env
+
+
+def live_processes(group: int) -> list[int]:
+    """PIDs in a process group that are alive (a zombie waiting for its reaper is not)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError):
+            text = stat.read_text()
+            state, _parent, process_group = text[text.rindex(")") + 2:].split()[:3]
+            if int(process_group) == group and state != "Z":
+                alive.append(int(stat.parent.name))
+    return alive
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="lists processes with /proc")
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_killing_only_the_parent_leaves_no_process_of_the_sweep(tmp_path, signum):
+    """`kill PID`, `timeout` and the OOM killer signal the parent alone: its workers and the
+    resource tracker must not run on as orphans; SIGTERM is handled like Ctrl-C."""
+    command, env = sweep_command(tmp_path, toy_sleep="0.5")
+    runs = tmp_path / "toy" / "runs.csv"
+    with open(tmp_path / "stderr.txt", "wb") as stderr:   # a file: orphans could hold a pipe
+        sweep_process = subprocess.Popen(command, env=env, start_new_session=True,
+                                         stdout=subprocess.DEVNULL, stderr=stderr)
+    group = sweep_process.pid
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (not runs.exists() or len(read_lines(runs)) < 3):
+            time.sleep(0.02)
+        assert len(live_processes(group)) >= 3, "parent, resource tracker and workers"
+        sweep_process.send_signal(signum)
+        sweep_process.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while live_processes(group) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert live_processes(group) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+    lines = read_lines(runs)
+    assert 3 <= len(lines) < 23 and all(line.endswith("\n") for line in lines)
+    if signum == signal.SIGTERM:
+        assert sweep_process.returncode == 143
+        messages = [line for line in (tmp_path / "stderr.txt").read_text().splitlines()
+                    if not line.startswith("[")]          # not the per-run log lines
+        assert messages == ["normkit: terminated; finished runs are kept in runs.csv: run the "
+                            "same command again to resume"]
 
 
 # ------------------------------------------------------------------------ executors: same results
