@@ -6,8 +6,7 @@ the seed count per arm. Four kinds:
 
 - :class:`Difference`: the mean of a metric over seeds in one arm against another; an effect
   counts only beyond the margin and two standard errors of the difference (Welch).
-- :class:`Level`: the mean of a metric in one arm against a fixed value (one-sample standard
-  error).
+- :func:`Level`: a Difference against a fixed value (the one-sample standard error).
 - :class:`Summary`: a statistic of each arm's runs taken together (a count, a median, an epoch
   of a mean curve), compared across arms or with a fixed value; no standard error.
 - :class:`Combined`: several rules; "all" (every one holds), "any" (one holds) or "each" (holds
@@ -119,15 +118,15 @@ def _seed_count(runs: pd.DataFrame) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Difference:
-    """``metric`` of arm ``first`` against arm ``second``: "lower"/"higher" holds when first's
-    mean is lower/higher by more than ``margin`` and two standard errors; "same" when the
-    difference and two standard errors stay within ``margin``; "no_worse_lower"/
-    "no_worse_higher" when first is not worse than second by ``margin`` (two standard errors
-    included)."""
+    """``metric`` of arm ``first`` against arm ``second`` (or a fixed number: then the standard
+    error is the one-sample one of first's mean): "lower"/"higher" holds when first's mean is
+    lower/higher by more than ``margin`` and two standard errors; "same" when the difference
+    and two standard errors stay within ``margin``; "no_worse_lower"/"no_worse_higher" when
+    first is not worse than second by ``margin`` (two standard errors included)."""
     claim: str
     metric: str
     first: Arm
-    second: Arm
+    second: Arm | float
     direction: str = "lower"
     margin: float = 0.0
 
@@ -135,40 +134,27 @@ class Difference:
         _check_direction(self.direction)
 
     def judge(self, frame: pd.DataFrame) -> Outcome:
-        a, b = self.first.values(frame, self.metric), self.second.values(frame, self.metric)
-        diff, error = difference(b, a)                  # mean(first) - mean(second)
-        numbers = {f"{self.first.name} {self.metric}": _mean(a),
-                   f"{self.second.name} {self.metric}": _mean(b),
-                   "difference": diff, "standard error": error}
-        n = {self.first.name: len(a), self.second.name: len(b)}
-        verdict = _gate(n, _decide(_sign(self.direction) * diff, error, self.direction,
-                                   self.margin))
-        return Outcome(verdict, numbers, n)
+        a = self.first.values(frame, self.metric)
+        numbers = {f"{self.first.name} {self.metric}": _mean(a)}
+        n = {self.first.name: len(a)}
+        if isinstance(self.second, Arm):
+            b = self.second.values(frame, self.metric)
+            diff, error = difference(b, a)                  # mean(first) - mean(second)
+            numbers[f"{self.second.name} {self.metric}"] = _mean(b)
+            n[self.second.name] = len(b)
+        else:
+            diff = _mean(a) - self.second
+            error = float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else math.nan
+            numbers["against"] = float(self.second)
+        numbers.update({"difference": diff, "standard error": error})
+        verdict = _decide(_sign(self.direction) * diff, error, self.direction, self.margin)
+        return Outcome(_gate(n, verdict), numbers, n)
 
 
-@dataclasses.dataclass(frozen=True)
-class Level:
-    """The mean of ``metric`` in ``arm`` against ``value``: "lower"/"higher" by more than
-    ``margin`` and two standard errors of the mean."""
-    claim: str
-    metric: str
-    arm: Arm
-    value: float
-    direction: str = "lower"
-    margin: float = 0.0
-
-    def __post_init__(self) -> None:
-        _check_direction(self.direction)
-
-    def judge(self, frame: pd.DataFrame) -> Outcome:
-        values = self.arm.values(frame, self.metric)
-        mean = _mean(values)
-        error = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
-        numbers = {f"{self.arm.name} {self.metric}": mean, "standard error": error,
-                   "against": self.value}
-        n = {self.arm.name: len(values)}
-        effect = _sign(self.direction) * (mean - self.value)
-        return Outcome(_gate(n, _decide(effect, error, self.direction, self.margin)), numbers, n)
+def Level(claim: str, metric: str, arm: Arm, value: float, direction: str = "lower",  # noqa: N802
+          margin: float = 0.0) -> Difference:
+    """The mean of ``metric`` in ``arm`` against a fixed ``value`` (a :class:`Difference`)."""
+    return Difference(claim, metric, arm, float(value), direction, margin)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,8 +255,3 @@ def verdict_rows(study: str, judged: Sequence[tuple[str, Outcome]]) -> pd.DataFr
 def verdicts_csv(study: str, judged: Sequence[tuple[str, Outcome]]) -> str:
     return verdict_rows(study, judged).to_csv(index=False)
 
-
-def clearly_lower(lower: pd.Series, higher: pd.Series) -> bool:
-    """mean(lower) < mean(higher) by more than two standard errors of the difference."""
-    diff, error = difference(lower, higher)
-    return bool(diff > 2 * error)
