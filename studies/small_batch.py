@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from normkit.sweep import Study, aggregate, markdown_table
 from normkit.train import NotApplicable, TrainConfig, not_applicable_reason, train
 
-from _verdicts import HOLDS, UNDETERMINED, Combined, Difference, arm, verdict_rows
+from _verdicts import HOLDS, UNDETERMINED, Combined, Difference, arm, verdicts_csv
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 QUICK_BATCH_SIZES = (1, 2, 8, 32, 128)
@@ -491,7 +491,7 @@ def verdict_lines(frame) -> list[str]:
 
 def reports(frame) -> dict[str, str]:
     return {"README.md": readme(frame),
-            "verdicts.csv": verdict_rows("small_batch", judge(frame)).to_csv(index=False)}
+            "verdicts.csv": verdicts_csv("small_batch", judge(frame))}
 
 
 def _base_lrs(frame) -> str:
