@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from normkit.sweep import Study, aggregate, markdown_table
 from normkit.train import NotApplicable, TrainConfig, not_applicable_reason, train
 
-from _verdicts import HOLDS, UNDETERMINED, Combined, Difference, arm, verdicts_csv
+from _verdicts import HOLDS, MIXED, UNDETERMINED, Combined, Difference, arm, verdicts_csv
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 QUICK_BATCH_SIZES = (1, 2, 8, 32, 128)
@@ -464,8 +464,12 @@ def explanation(rate, statistics) -> str:
     if UNDETERMINED in (rate.verdict, statistics.verdict):
         return (f"undetermined (n={min(rate.n_min, statistics.n_min)}): too few seeds to tell "
                 "the learning rate from the batch statistics")
-    if rate.verdict == HOLDS and statistics.verdict == HOLDS:
+    rate_helps = rate.verdict in (HOLDS, MIXED)
+    if rate_helps and statistics.verdict == HOLDS:
         return "both: the smaller rate and the batch statistics each account for part of it"
+    if rate.verdict == MIXED:
+        return ("partly the learning rate: the fixed rate helps some of the norms without batch "
+                "statistics, and with it batch norm is not worse than group norm")
     if rate.verdict == HOLDS:
         return "the learning rate: with the fixed rate, batch norm is not worse than group norm"
     if statistics.verdict == HOLDS:

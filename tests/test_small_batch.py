@@ -223,6 +223,16 @@ def test_the_rules_say_which_explanation_the_numbers_support(fixed_group, fixed_
     assert rules["flat"].judge(frame).verdict == "does not hold"       # GN 10% vs 3%
 
 
+def test_a_fixed_rate_that_helps_one_norm_only_is_partly_the_learning_rate():
+    frame = explanation_frame(0.10, 0.10)
+    fixed_layer = (frame["lr_scaling"] == "fixed") & (frame["norm"] == "layer")
+    frame.loc[fixed_layer, "test_error"] -= 0.07                 # layer norm 3%, group norm 10%
+    rules = study_module.rules("mlp")
+    assert rules["rate"].judge(frame).verdict == "mixed"
+    text = study_module.explanation(rules["rate"].judge(frame), rules["statistics"].judge(frame))
+    assert text.startswith("partly the learning rate")
+
+
 def test_one_or_two_seeds_leave_the_explanation_undetermined():
     frame = explanation_frame(0.03, 0.031, seeds=2)
     rules = study_module.rules("mlp")
