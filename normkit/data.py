@@ -8,6 +8,8 @@ Every loader returns ``(x_train, y_train, x_test, y_test)`` as NumPy arrays, ``x
 - ``make_mnist1d``: x (N, 40) signals as the mnist1d generator leaves them (mean 0, std 1 over
   the whole set); y int64 classes 0..9.
 - ``make_circles``: x (N, 2) points, raw (already about unit scale); y int64, 0 outer, 1 inner.
+- ``load_circles_example``: scikit-learn's own ``make_circles`` points, split in order (the
+  first ``n_train`` for training), as the widely copied Keras batch-norm example uses them.
 - ``make_adding``:  x (N, T, 2) values and markers, raw (the task's definition); y the float sum
   of the two marked values.
 
@@ -25,7 +27,7 @@ from numbers import Integral, Real
 
 import numpy as np
 
-__all__ = ["load_digits", "make_mnist1d", "make_circles", "make_adding"]
+__all__ = ["load_digits", "make_mnist1d", "make_circles", "load_circles_example", "make_adding"]
 
 
 def _require(module: str, package: str, loader: str):
@@ -154,6 +156,28 @@ def make_circles(n=1000, *, noise=0.1, factor=0.5, seed=0, test_fraction=0.2, dt
     x = x + noise * rng.standard_normal(x.shape)
     x_train, y_train, x_test, y_test = _split(x, y, test_fraction, rng)
     return x_train.astype(dtype), y_train, x_test.astype(dtype), y_test
+
+
+def load_circles_example(n_samples=1000, *, noise=0.1, random_state=1, factor=0.8, n_train=500,
+                         dtype=np.float32):
+    """scikit-learn's ``make_circles(n_samples, noise=noise, random_state=random_state,
+    factor=factor)`` (scikit-learn's own points, shuffled as it shuffles them; its default
+    factor is 0.8), the first ``n_train`` points for training and the rest for testing, as the
+    Keras batch-norm example does. Returns x (N, 2) and int64 labels (0 outer, 1 inner)."""
+    n_samples = _check_count("n_samples", n_samples, 4)
+    n_train = _check_count("n_train", n_train, 1)
+    if n_train >= n_samples:
+        raise ValueError(f"n_train must be below n_samples ({n_samples}), got {n_train}")
+    if isinstance(noise, bool) or not isinstance(noise, Real) or noise < 0:
+        raise ValueError(f"noise must be a number >= 0, got {noise!r}")
+    if isinstance(factor, bool) or not isinstance(factor, Real) or not 0 < factor < 1:
+        raise ValueError(f"factor must be a number in (0, 1), got {factor!r}")
+    random_state, dtype = _check_seed(random_state), _check_dtype(dtype)
+    datasets = _require("sklearn.datasets", "scikit-learn", "load_circles_example")
+    x, y = datasets.make_circles(n_samples=n_samples, noise=noise, random_state=random_state,
+                                 factor=factor)                  # (n, 2), labels 0/1
+    y = y.astype(np.int64)
+    return x[:n_train].astype(dtype), y[:n_train], x[n_train:].astype(dtype), y[n_train:]
 
 
 def make_adding(num_samples=10000, seq_len=50, *, seed=0, test_fraction=0.2, dtype=np.float32):

@@ -8,6 +8,7 @@ restored, so a measurement in the middle of training changes nothing but the lay
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -17,6 +18,13 @@ from normkit.nn import Conv1d, Conv2d, Dense, Sigmoid, Tanh
 
 #: A unit counts as saturated where the activation's derivative is below this.
 SATURATION_DERIVATIVE = 0.05
+#: |z| beyond which the derivative is below SATURATION_DERIVATIVE: sigmoid' = s (1 - s) at
+#: s = (1 + sqrt(1 - 4 d)) / 2; tanh' = 1 - tanh^2 at tanh = sqrt(1 - d).
+SATURATION_Z = {
+    "sigmoid": math.log((1 + math.sqrt(1 - 4 * SATURATION_DERIVATIVE))
+                        / (1 - math.sqrt(1 - 4 * SATURATION_DERIVATIVE))),
+    "tanh": math.atanh(math.sqrt(1 - SATURATION_DERIVATIVE)),
+}
 
 
 def weight_layers(model) -> list[int]:

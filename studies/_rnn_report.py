@@ -2,8 +2,9 @@
 
 Each experiment has a ``section_<name>(frame) -> Section`` (its tables, figure and, where a
 published claim is tested, verdicts from a stated rule). :func:`tables`, :func:`figures` and
-:func:`reports` are the study's hooks. A difference counts only beyond two standard errors of
-the difference of the means over seeds (Welch).
+:func:`reports` are the study's hooks. Verdicts come from the rule objects of
+``_verdicts`` (a difference counts only beyond two standard errors of the difference of the
+means over seeds, Welch; fewer than 3 seeds in a compared cell is undetermined).
 """
 from __future__ import annotations
 
@@ -16,10 +17,9 @@ import pandas as pd
 
 from normkit.sweep import format_mean_std, markdown_table
 
-from _verdicts import clearly_lower as _clearly_lower
+from _verdicts import Combined, Difference, Level, Outcome, arm, verdicts_csv
 from _verdicts import difference as _difference
 
-HOLDS, FAILS, MIXED = "reproduces", "does not reproduce", "mixed"
 TASK_NAMES = {"sequential": "sequential digits (64 steps)", "permuted": "permuted digits (64 steps)",
               "mnist1d": "MNIST-1D (40 steps)"}
 COLORS = {"LSTM": "tab:gray", "BN-LSTM γ=0.1": "tab:blue", "BN-LSTM γ=1.0": "tab:cyan",
@@ -31,11 +31,13 @@ SCALE_NOTE = ("Scale of the full grid (the quick grid uses 32 units throughout):
               "layer of 64 units (100 in the gradient-flow runs at initialization) and a "
               "linear head; scikit-learn's 8x8 digits read pixel by pixel "
               "(64 steps, 1347 training images) stand in for MNIST (784 steps, 60k images); "
-              "RMSProp lr 1e-3, gradient clip 1, batch 64, identity W_h, h0 noise 0.1, as the "
-              "paper. The budget and what was trimmed relative to issue 9 are in the docstring "
-              "of `studies/rnn.py`.")
+              "RMSProp, gradient clipping, identity W_h and noise on h0 as Cooijmans et al. "
+              "(2017). The budget and what was trimmed are in the docstring of "
+              "`studies/rnn.py`.")
 SIGNIFICANCE = ("A difference counts only if it exceeds two standard errors of the difference "
-                "of the means over seeds (Welch); within that it is \"no clear difference\".")
+                "of the means over seeds (Welch); a verdict needs at least 3 seeds in every "
+                "compared cell, else it reads \"undetermined (n=...)\". verdicts.csv has the "
+                "verdicts with the numbers each rule read.")
 
 
 @dataclasses.dataclass
@@ -43,8 +45,12 @@ class Verdict:
     claim: str
     source: str
     rule: str
-    verdict: str
+    outcome: Outcome
     evidence: str
+
+    @property
+    def verdict(self) -> str:
+        return self.outcome.label
 
 
 @dataclasses.dataclass
@@ -87,6 +93,10 @@ def _with_labels(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(variant=frame.apply(label, axis=1))
 
 
+def _arm(variant: str, **where) -> object:
+    return arm(variant, variant=variant, **where)
+
+
 def _values(frame: pd.DataFrame, column: str, **where) -> pd.Series:
     part = _ok(frame)
     for key, value in where.items():
@@ -115,12 +125,6 @@ def _cell(part: pd.DataFrame, column: str, scale: float = 1.0, digits: int = 3) 
     notes = [f"{int((part['status'] == s).sum())} {s}" for s in ("diverged", "failed")
              if (part["status"] == s).any()]
     return text + (f" ({', '.join(notes)})" if notes else "")
-
-
-def _verdict(results: list[bool]) -> str:
-    if results and all(results):
-        return HOLDS
-    return MIXED if any(results) else FAILS
 
 
 def _seeds(frame: pd.DataFrame) -> int:
@@ -212,15 +216,16 @@ def section_classify(frame: pd.DataFrame) -> Section | None:
         plain = _values(runs, "curve_mean_acc", variant="LSTM", task=task)
         if bn.empty or plain.empty:
             continue
-        faster.append(_clearly_lower(plain, bn))
+        faster.append(Difference(task, "curve_mean_acc", _arm("BN-LSTM γ=0.1", task=task),
+                                 _arm("LSTM", task=task), "higher"))
         lines.append(f"{task}: BN-LSTM − LSTM {_diff_text(plain, bn)}")
     if faster:
         verdicts.append(Verdict(
             "BN-LSTM converges faster than LSTM", "Cooijmans et al. (2017), Sec. 5: \"faster "
             "convergence\" in every task",
             "per task, the mean test accuracy over the epochs (area under the learning curve) of "
-            "BN-LSTM γ=0.1 is higher than LSTM's; reproduces if on every task, mixed if on some",
-            _verdict(faster), "; ".join(lines)))
+            "BN-LSTM γ=0.1 is higher than LSTM's; holds if on every task, mixed if on some",
+            Combined("faster", faster, "each").judge(runs), "; ".join(lines)))
     bn = _values(runs, "test_acc", variant="BN-LSTM γ=0.1", task="permuted")
     plain = _values(runs, "test_acc", variant="LSTM", task="permuted")
     if not bn.empty and not plain.empty:
@@ -228,16 +233,19 @@ def section_classify(frame: pd.DataFrame) -> Section | None:
             "BN-LSTM is more accurate than LSTM on the permuted task",
             "Cooijmans et al. (2017), Table 1: permuted MNIST 95.4 % vs 90.2 %",
             "final test accuracy (evaluation mode) of BN-LSTM γ=0.1 higher than LSTM's on the "
-            "permuted digits", HOLDS if _clearly_lower(plain, bn) else FAILS,
+            "permuted digits",
+            Difference("accuracy", "test_acc", _arm("BN-LSTM γ=0.1", task="permuted"),
+                       _arm("LSTM", task="permuted"), "higher").judge(runs),
             f"BN-LSTM {_pm(bn, 100)} %, LSTM {_pm(plain, 100)} %, difference "
             f"{_diff_text(plain, bn)}"))
     ln = _values(runs, "test_acc", variant="LN-LSTM", task="permuted")
     if not bn.empty and not ln.empty:
         verdicts.append(Verdict(
-            "(measured) BN-LSTM against LN-LSTM on the permuted task", "not claimed by either paper",
+            "(measured) BN-LSTM is more accurate than LN-LSTM on the permuted task",
+            "not claimed by either paper",
             "final test accuracy of BN-LSTM γ=0.1 higher than LN-LSTM's",
-            "BN-LSTM higher" if _clearly_lower(ln, bn) else
-            ("LN-LSTM higher" if _clearly_lower(bn, ln) else "no clear difference"),
+            Difference("accuracy", "test_acc", _arm("BN-LSTM γ=0.1", task="permuted"),
+                       _arm("LN-LSTM", task="permuted"), "higher").judge(runs),
             f"BN-LSTM − LN-LSTM {_diff_text(ln, bn)}"))
 
     def draw(figure):
@@ -278,6 +286,9 @@ def _grad_columns(frame):
     return [c for c in frame.columns if c.startswith("grad_t") and frame[c].notna().any()]
 
 
+VANISHING_RATIO = 0.1
+
+
 def section_gradient(frame: pd.DataFrame) -> Section | None:
     runs = _with_labels(frame[frame["experiment"] == "gradient"])
     runs = _ok(runs)
@@ -302,15 +313,19 @@ def section_gradient(frame: pd.DataFrame) -> Section | None:
     small = np.log10(_values(runs, "grad_ratio", variant="BN-LSTM γ=0.1"))
     large = np.log10(_values(runs, "grad_ratio", variant="BN-LSTM γ=1.0"))
     if not small.empty and not large.empty:
-        better = _clearly_lower(large, small)
-        vanishes = 10 ** large.mean() < 0.1
+        logged = runs.assign(log10_ratio=np.log10(runs["grad_ratio"].astype(float)))
+        rule = Combined("gradient", [
+            Difference("γ=0.1 flows better", "log10_ratio", _arm("BN-LSTM γ=0.1"),
+                       _arm("BN-LSTM γ=1.0"), "higher"),
+            Level("γ=1.0 vanishes", "log10_ratio", _arm("BN-LSTM γ=1.0"),
+                  math.log10(VANISHING_RATIO), "lower")], "each")
         verdicts.append(Verdict(
             "γ=1.0 makes dL/dh_t vanish over time, γ=0.1 does not",
             "Cooijmans et al. (2017), Sec. 4 and Fig. 1a (permuted MNIST, at initialization)",
             f"log10(‖dL/dh_0‖ / ‖dL/dh_{T - 1}‖) higher for γ=0.1 than for γ=1.0, and at γ=1.0 "
-            f"the ratio below 0.1 (vanishing by more than a decade over {T} steps); "
-            f"reproduces if both, mixed if one",
-            _verdict([better, vanishes]),
+            f"the ratio below {VANISHING_RATIO:g} (vanishing by more than a decade over {T} "
+            f"steps, beyond two standard errors); holds if both, mixed if one",
+            rule.judge(logged),
             f"ratio γ=0.1: {10 ** small.mean():.3g}, γ=1.0: {10 ** large.mean():.3g} "
             f"(log10 difference {_diff_text(large, small, 1, 2, '')})"))
 
@@ -336,11 +351,10 @@ def section_gradient(frame: pd.DataFrame) -> Section | None:
         f"digits, hidden {_one(runs, 'hidden')}, {_seeds(runs)} seeds; ‖dLoss/dh_t‖ is the "
         f"Frobenius norm over the batch of the gradient reaching the output of step t "
         f"(normkit.nn.LSTM.hidden_gradients), geometric mean over seeds. The ratio of the "
-        f"first to the last step is the issue's summary; the minimum over t shows how deep "
-        f"the gradient dips in between . The curve can rise again towards t=0: the first "
-        f"cells c_t have a small spread over the batch and the batch norm on c_t divides by "
-        f"it (checked once, hidden 32, γ=0.1: variance of c_t over the batch 0.0025 at t=0, "
-        f"0.15 at t=63).",
+        f"first to the last step summarizes Cooijmans et al.'s Fig. 1a; the minimum over t "
+        f"shows how deep the gradient dips in between. The curve can rise again towards t=0: "
+        f"the first cells c_t have a small spread over the batch and the batch norm on c_t "
+        f"divides by it.",
         {"gradient norm at initialization": table}, draw, verdicts, figsize=(7, 4))
 
 
@@ -367,7 +381,8 @@ def section_shared(frame: pd.DataFrame) -> Section | None:
             "Cooijmans et al. (2017), Sec. 4: averaging statistics over time \"severely "
             "degrades performance\"",
             "test accuracy with per-step statistics higher than with one shared set",
-            HOLDS if _clearly_lower(shared, per_step) else FAILS,
+            Difference("per step", "test_acc", arm("per step", statistics="per step"),
+                       arm("shared", statistics="shared over steps"), "higher").judge(runs),
             f"per step {_pm(per_step, 100)} %, shared {_pm(shared, 100)} %, difference "
             f"{_diff_text(shared, per_step)}"))
 
@@ -413,27 +428,29 @@ def section_adding(frame: pd.DataFrame) -> Section | None:
                                          for v in variants] for c in columns},
                          index=pd.Index(variants, name="model")).reset_index()
     verdicts = []
-    beyond = [c for c in columns if int(c[5:]) > 50]
+    beyond = [c for c in columns if int(c[5:]) > int(columns[0][5:])] if columns else []
     bn_name = next((v for v in variants if v.startswith("BN")), None)
     if beyond and bn_name and "LN-LSTM" in variants:
-        results = [_clearly_lower(_values(runs, c, variant="LN-LSTM"),
-                                  _values(runs, c, variant=bn_name)) for c in beyond]
+        rule = Combined("beyond", [Difference(f"T={c[5:]}", c, _arm("LN-LSTM"), _arm(bn_name),
+                                              "lower") for c in beyond], "each")
         verdicts.append(Verdict(
             "LN-LSTM generalizes beyond the training length better than BN-LSTM",
             "Ba et al. (2016): no per-step statistics, so no problem with test sequences longer "
             "than the training ones; Cooijmans et al. use step T_max's statistics beyond it",
-            "test MSE of LN-LSTM lower than BN-LSTM's at each T > 50; reproduces if at every "
-            "such T, mixed if at some",
-            _verdict(results),
+            f"test MSE of LN-LSTM lower than BN-LSTM's at each T > {columns[0][5:]}; holds if "
+            f"at every such T, mixed if at some",
+            rule.judge(runs),
             "; ".join(f"T={c[5:]}: LN {_pm(_values(runs, c, variant='LN-LSTM'))}, BN "
                       f"{_pm(_values(runs, c, variant=bn_name))}" for c in beyond)))
         bn50 = _values(runs, columns[0], variant=bn_name)
         bn_long = _values(runs, beyond[-1], variant=bn_name)
+        grown = runs.assign(growth=runs[beyond[-1]].astype(float) - runs[columns[0]].astype(float))
         verdicts.append(Verdict(
             "(measured) BN-LSTM's error grows beyond T_max", "the T_max rule's cost",
-            f"BN-LSTM's test MSE at T={beyond[-1][5:]} higher than at T=50",
-            "grows" if _clearly_lower(bn50, bn_long) else "no clear growth",
-            f"T=50 {_pm(bn50)}, T={beyond[-1][5:]} {_pm(bn_long)}"))
+            f"BN-LSTM's test MSE at T={beyond[-1][5:]} higher than at T={columns[0][5:]} "
+            f"(paired by run)",
+            Level("growth", "growth", _arm(bn_name), 0.0, "higher").judge(grown),
+            f"T={columns[0][5:]} {_pm(bn50)}, T={beyond[-1][5:]} {_pm(bn_long)}"))
 
     def draw(figure):
         axes = figure.add_subplot()
@@ -454,10 +471,11 @@ def section_adding(frame: pd.DataFrame) -> Section | None:
 
     return Section(
         "adding", "4. Longer sequences than trained on: the adding problem",
-        f"Trained at T=50 on {_one(runs, 'train_size')} sequences for {_one(runs, 'epochs')} "
+        f"Trained at T={columns[0][5:] if columns else '—'} on {_one(runs, 'train_size')} "
+        f"sequences for {_one(runs, 'epochs')} "
         f"epochs, hidden {_one(runs, 'hidden')}, batch 64; tested (evaluation mode) on 500 fresh "
-        f"sequences of each length. BN-LSTM keeps statistics for 50 steps and uses step 49's "
-        f"beyond (the T_max rule). Predicting the mean (1) gives MSE 1/6 ≈ 0.167. "
+        f"sequences of each length. BN-LSTM keeps statistics for the training length and uses "
+        f"its last step's beyond (the T_max rule). Predicting the mean (1) gives MSE 1/6. "
         f"{_seeds(runs)} seeds.",
         {"test MSE by sequence length": table}, draw, verdicts, figsize=(6, 4))
 
@@ -483,12 +501,12 @@ def section_small_batch(frame: pd.DataFrame) -> Section | None:
         bn = _values(runs, "test_acc", variant=bn_name, batch_size=smallest)
         ln = _values(runs, "test_acc", variant="LN-LSTM", batch_size=smallest)
         verdicts.append(Verdict(
-            f"(measured) LN-LSTM against BN-LSTM at batch {smallest}",
+            f"(measured) LN-LSTM is more accurate than BN-LSTM at batch {smallest}",
             "Ba et al. (2016): layer norm works with batch size 1 (no batch statistics); "
-            "batch statistics of 2 examples are noisy",
-            f"test accuracy of LN-LSTM against BN-LSTM's at batch {smallest}",
-            "LN-LSTM higher" if _clearly_lower(bn, ln) else
-            ("BN-LSTM higher" if _clearly_lower(ln, bn) else "no clear difference"),
+            "batch statistics of a few examples are noisy",
+            f"test accuracy of LN-LSTM higher than BN-LSTM's at batch {smallest}",
+            Difference("accuracy", "test_acc", _arm("LN-LSTM", batch_size=smallest),
+                       _arm(bn_name, batch_size=smallest), "higher").judge(runs),
             f"LN {_pm(ln, 100)} %, BN {_pm(bn, 100)} %, LN − BN {_diff_text(bn, ln)}; by batch "
             f"size, BN − LN: " + ", ".join(
                 f"{b}: {_diff_text(_values(runs, 'test_acc', variant='LN-LSTM', batch_size=b), _values(runs, 'test_acc', variant=bn_name, batch_size=b))}"
@@ -540,10 +558,11 @@ def section_padding(frame: pd.DataFrame) -> Section | None:
         acc_m, acc_u = _values(masked, "test_acc"), _values(unmasked, "test_acc")
         shift_m, shift_u = _values(masked, "shift_mean"), _values(unmasked, "shift_mean")
         verdicts.append(Verdict(
-            "(measured) masking the padding out of the statistics helps",
+            "(measured) masking the padding out of the statistics raises test accuracy",
             "no published claim; frameworks' batch norm sees the padding",
-            "masked test accuracy higher than unmasked", "masked higher" if _clearly_lower(acc_u, acc_m)
-            else ("unmasked higher" if _clearly_lower(acc_m, acc_u) else "no clear difference"),
+            "masked test accuracy higher than unmasked",
+            Difference("masked", "test_acc", arm("masked", use_mask=_true),
+                       arm("unmasked", use_mask=lambda m: not _true(m)), "higher").judge(runs),
             f"masked {_pm(acc_m, 100)} %, unmasked {_pm(acc_u, 100)} %, difference "
             f"{_diff_text(acc_u, acc_m)}; input-term running statistics against those of the "
             f"valid positions: mean error masked {_pm(shift_m)}, unmasked {_pm(shift_u)}; "
@@ -614,9 +633,13 @@ def figures(frame: pd.DataFrame) -> dict:
 
 
 def _verdict_table(found: list[Section]) -> str:
-    rows = [{"claim": v.claim, "source": v.source, "here": v.verdict, "numbers": v.evidence}
-            for s in found for v in s.verdicts]
+    rows = [{"claim": v.claim, "source": v.source, "here": v.verdict, "n_min": v.outcome.n_min,
+             "numbers": v.evidence} for s in found for v in s.verdicts]
     return markdown_table(pd.DataFrame(rows)) if rows else "(no verdicts: no runs yet)"
+
+
+def judged(found: list[Section]) -> list[tuple[str, Outcome]]:
+    return [(v.claim, v.outcome) for section in found for v in section.verdicts]
 
 
 def reports(frame: pd.DataFrame) -> dict[str, str]:
@@ -624,12 +647,13 @@ def reports(frame: pd.DataFrame) -> dict[str, str]:
     quick = bool(frame["hidden"].max() < 64) if "hidden" in frame and not frame.empty else False
     seconds = float(frame["seconds"].sum()) if "seconds" in frame else math.nan
     lines = ["# The RNN study: recurrent batch norm against LSTM and layer-norm LSTM", "",
-             "Cooijmans et al. (2017) and Ba et al. (2016) at a small scale (FACTS.md, BN-LSTM "
-             "and LN-LSTM). Written by `studies/_rnn_report.py` from `runs.csv`; every number "
-             "below is a mean over seeds of this folder's runs.", ""]
+             "Cooijmans et al. (2017, Recurrent Batch Normalization) and Ba et al. (2016, Layer "
+             "Normalization) at a small scale. Written by `studies/_rnn_report.py` from "
+             "`runs.csv`; every number below is a mean over seeds of this folder's runs.", ""]
     if quick:
-        lines += ["**Quick grid**: hidden 32, 2 seeds, 1-3 epochs. A smoke run: the verdicts "
-                  "below follow the rules but are not evidence.", ""]
+        lines += [f"**Quick grid**: hidden {_one(frame, 'hidden')}, seeds "
+                  f"{_one(frame, 'seed')}, epochs {_one(frame, 'epochs')}. A smoke run: with "
+                  f"fewer than 3 seeds its verdicts read undetermined.", ""]
     status = frame["status"].value_counts().to_dict() if "status" in frame else {}
     lines += [f"Runs: {len(frame)} ({', '.join(f'{v} {k}' for k, v in status.items())}); "
               f"{seconds / 60:.1f} core-minutes of run time.", "",
@@ -645,4 +669,5 @@ def reports(frame: pd.DataFrame) -> dict[str, str]:
         if section.draw is not None:
             lines += ["", f"![{section.title}]({section.key}.png)"]
         lines += [""]
-    return {"README.md": "\n".join(lines)}
+    return {"README.md": "\n".join(lines),
+            "verdicts.csv": verdicts_csv("rnn", judged(found))}

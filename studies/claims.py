@@ -3,7 +3,7 @@
 Eight claims, one study: the config's ``claim`` field picks the experiment
 (``_claims_experiments.RUNS``), the grid is the union of the claims' grids, and the hooks write
 one section of table.md, one ``table_<claim>*.csv``, one ``<claim>.png`` and one ``<claim>.md``
-per claim, and ``README.md`` with the verdicts computed from the numbers
+per claim, ``README.md`` with the verdicts computed from the numbers and ``verdicts.csv``
 (``_claims_report``). Per-layer and per-epoch numbers are plain metric columns
 (``grad_norm_3``, ``sat_e010``, ``test_acc_e020``...); a claim leaves the others empty.
 
@@ -67,8 +67,8 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------- grids
-# The quick grid: every claim, one or two seeds, few epochs (a smoke run: its verdicts are not
-# evidence). The full grid: 5 seeds (10 for the Keras example).
+# The quick grid: every claim, one or two seeds, few epochs (a smoke run: its verdicts read
+# "undetermined", fewer than 3 seeds). The full grid: 5 seeds (10 for the Keras example).
 
 LR_GRID = [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0]
 INIT_SCALES = [0.01, 0.1, 1.0, 10.0]

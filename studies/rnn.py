@@ -1,10 +1,11 @@
 """Recurrent batch norm (BN-LSTM) against LSTM and layer-norm LSTM, six experiments.
 
-Cooijmans et al. (2017) and Ba et al. (2016) at a scale this machine runs (FACTS.md: BN-LSTM,
-LN-LSTM). The config's ``experiment`` picks the run (``_rnn_experiments.RUNS``), the grid is the
-union of the experiments' grids, and the hooks (``_rnn_report``) write one section of table.md
-per experiment, ``table_<experiment>.csv``, one figure per experiment and ``README.md`` with the
-verdicts computed from the numbers.
+Cooijmans et al. (Recurrent Batch Normalization, ICLR 2017) and Ba et al. (Layer Normalization,
+2016) at a scale this machine runs. The config's ``experiment`` picks the run
+(``_rnn_experiments.RUNS``), the grid is the union of the experiments' grids, and the hooks
+(``_rnn_report``) write one section of table.md per experiment, ``table_<experiment>.csv``, one
+figure per experiment, ``README.md`` with the verdicts computed from the numbers and
+``verdicts.csv``.
 
 1. ``classify`` (tasks ``sequential``/``permuted`` digits, 64 steps of one pixel, and
    ``mnist1d``, 40 steps): LSTM, BN-LSTM gamma 0.1 and 1.0, LN-LSTM; test accuracy in
@@ -35,8 +36,8 @@ adding 880 + small batches 710 + gradient 40 = about 4400 CPU seconds, 37 minute
 free cores, about 55 minutes if other work takes a third of the machine. The quick grid took
 3 min 21 s wall (93 s CPU) at load average ~7.
 
-Trimmed relative to the issue: hidden 64 in training runs, not 100 (the gradient-flow runs at
-initialization keep 100); the digits (1347 training images, 64 steps) stand in for MNIST
+Trimmed relative to the papers' setups: hidden 64 in training runs, not 100 (the gradient-flow
+runs at initialization keep 100); the digits (1347 training images, 64 steps) stand in for MNIST
 (784 steps), 30 epochs; MNIST-1D 15 epochs; 5 seeds for the classification, shared-statistics
 and padding runs but 3 for gradient flow, the adding problem (5000 training sequences, 20
 epochs) and the small batches (10 epochs at every batch size); gamma 0.1 and 1.0 in training,
@@ -102,7 +103,7 @@ class Config:
 
 def _grids(quick: bool) -> list[dict]:
     """The union of the six experiments' grids (quick: hidden 32, 2 seeds, few epochs, a smoke
-    run whose verdicts are not evidence)."""
+    run: with 2 seeds its verdicts read "undetermined")."""
     seeds = range(2) if quick else range(FULL_SEEDS)
     few_seeds = range(2) if quick else range(FEW_SEEDS)
     hidden = [32 if quick else HIDDEN]

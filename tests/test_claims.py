@@ -21,6 +21,7 @@ STUDIES = Path(__file__).parent.parent / "studies"
 STUDY = sweep.load_study(STUDIES / "claims.py")          # puts studies/ on sys.path
 measure = sys.modules.get("_claims_measure") or __import__("_claims_measure")
 report = __import__("_claims_report")
+experiments = sys.modules.get("_claims_experiments") or __import__("_claims_experiments")
 
 torch = pytest.importorskip("torch")
 
@@ -293,8 +294,30 @@ def test_smoke_run_tables_have_the_expected_columns(tiny_run):
         missing = [c for c in columns if c not in table.columns]
         assert not missing, f"{name} lacks {missing}; has {list(table.columns)}"
     verdicts = pd.read_csv(directory / "table_verdicts.csv")
-    assert set(verdicts["verdict"]) <= {report.HOLDS, report.FAILS, report.MIXED}
-    assert len(verdicts) == len(report.ANALYSES) + 1           # 5b: the landscape
+    assert set(verdicts["verdict"]) <= {"undetermined (n=1)", "undetermined (n=0)"}  # 1 seed
+    assert len(verdicts) == len(report.ANALYSES) + 2           # 5b: the landscape, 8b: placement
+
+
+def test_smoke_run_writes_verdicts_csv_undetermined_with_one_seed(tiny_run):
+    _, directory, _, written = tiny_run
+    assert directory / "verdicts.csv" in written
+    verdicts = pd.read_csv(directory / "verdicts.csv")
+    assert list(verdicts.columns) == ["study", "claim", "verdict", "n_min", "numbers"]
+    assert set(verdicts["study"]) == {"claims"} and len(verdicts) == len(report.ANALYSES) + 2
+    assert set(verdicts["verdict"]) == {"undetermined"} and (verdicts["n_min"] <= 1).all()
+
+
+def test_keras_example_runs_on_scikit_learns_circles_split_in_order():
+    sklearn = pytest.importorskip("sklearn.datasets")
+    from normkit.data import load_circles_example
+    x, y = sklearn.make_circles(n_samples=1000, noise=0.1, random_state=1)
+    x_train, y_train, x_test, y_test = load_circles_example(dtype=np.float64)
+    np.testing.assert_array_equal(x_train, x[:500])
+    np.testing.assert_array_equal(x_test, x[500:])
+    np.testing.assert_array_equal(np.concatenate([y_train, y_test]), y)
+    # the example's own arguments are the experiment's
+    assert experiments.CIRCLES == {"n_samples": 1000, "noise": 0.1, "random_state": 1}
+    assert (experiments.CIRCLES_FACTOR, experiments.CIRCLES_TRAIN) == (0.8, 500)
 
 
 def test_smoke_run_fold_and_precise_statistics_hold_up(tiny_run):

@@ -293,8 +293,18 @@ def test_smoke_run_main_table_has_models_by_tasks_and_the_published_rows(tiny_ru
     assert list(published["permuted digits (64 steps)"]) == ["90.2", "95.4"]
 
 
-def test_verdict_rule_counts_a_difference_only_beyond_two_standard_errors():
-    low, high = pd.Series([0.50, 0.52, 0.48]), pd.Series([0.55, 0.57, 0.53])
-    assert report._clearly_lower(low, high)                       # 5 points, s.e. ~1.6
-    assert not report._clearly_lower(low, pd.Series([0.51, 0.56, 0.46]))
-    assert not report._clearly_lower(high, low)
+def test_verdicts_use_the_shared_rules_and_need_three_seeds():
+    frame = pd.DataFrame({"variant": ["A"] * 3 + ["B"] * 3, "seed": [0, 1, 2] * 2,
+                          "status": "ok", "test_acc": [0.50, 0.52, 0.48, 0.55, 0.57, 0.53]})
+    rule = report.Difference("B higher", "test_acc", report._arm("B"), report._arm("A"), "higher")
+    assert rule.judge(frame).verdict == "holds"                 # 5 points, s.e. ~1.6
+    assert rule.judge(frame[frame["seed"] < 2]).label == "undetermined (n=2)"
+
+
+def test_smoke_run_writes_verdicts_csv(tiny_run):
+    _, directory, _, written = tiny_run
+    assert directory / "verdicts.csv" in written
+    verdicts = pd.read_csv(directory / "verdicts.csv")
+    assert list(verdicts.columns) == ["study", "claim", "verdict", "n_min", "numbers"]
+    assert set(verdicts["study"]) == {"rnn"} and len(verdicts) >= 5
+    assert set(verdicts["verdict"]) == {"undetermined"}          # two seeds

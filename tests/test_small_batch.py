@@ -54,6 +54,8 @@ TINY_GRID = [
     {"model": ["mlp"], "norm": ["batch", "group"], "batch_size": [16, 64], "epochs": [1],
      "seed": [0, 1]},
     {"model": ["mlp"], "norm": ["group"], "batch_size": [1], "epochs": [1], "seed": [0]},
+    {"model": ["mlp"], "norm": ["group"], "batch_size": [16], "lr_scaling": ["fixed"],
+     "epochs": [1], "seed": [0]},
     {"model": ["cnn1d"], "norm": ["batch", "layer"], "batch_size": [8], "epochs": [1],
      "mnist1d_samples": [200], "seed": [0]},
 ]
@@ -71,12 +73,13 @@ def tiny_sweep(tmp_path_factory):
 
 def test_tiny_sweep_writes_the_promised_runs_csv(tiny_sweep):
     study, directory, report, _ = tiny_sweep
-    assert (report.total, report.ok, report.failed) == (11, 11, 0)
+    assert (report.total, report.ok, report.failed) == (12, 12, 0)
     rows = list(csv.DictReader(io.StringIO((directory / "runs.csv").read_text())))
     assert set(REQUIRED_COLUMNS) <= set(rows[0])
     for row in rows:
         assert row["status"] == "ok"
-        expected_lr = 0.05 * int(row["batch_size"]) / 32
+        expected_lr = 0.05 * (int(row["batch_size"]) / 32 if row["lr_scaling"] == "linear"
+                              else 1)
         assert float(row["lr"]) == pytest.approx(expected_lr)
         for name in ("test_error", "test_error_batchstats", "train_error"):
             assert 0 <= float(row[name]) <= 1
@@ -104,16 +107,31 @@ def test_tiny_sweep_tables_figure_and_readme(tiny_sweep):
     readme = (directory / "README.md").read_text()
     assert readme.startswith("# Small-batch study")
     assert "### mlp on digits" in readme and "### cnn1d on MNIST-1D" in readme
+    assert "## Verdicts" in readme and "**undetermined (n=" in readme
+
+
+def test_tiny_sweep_writes_verdicts_csv(tiny_sweep):
+    _, directory, _, written = tiny_sweep
+    assert directory / "verdicts.csv" in written
+    verdicts = pd.read_csv(directory / "verdicts.csv")
+    assert list(verdicts.columns) == ["study", "claim", "verdict", "n_min", "numbers"]
+    assert set(verdicts["study"]) == {"small_batch"} and len(verdicts) == 8   # 4 rules x 2 models
+    assert set(verdicts["verdict"]) == {"undetermined"}                        # 1 or 2 seeds
+    assert (verdicts["n_min"] < 3).all()
 
 
 def test_tables_show_the_numbers_of_the_runs(tiny_sweep):
     study, directory, _, _ = tiny_sweep
     frame, _ = sweep.read_runs(study, directory, quick=True)
     table = study.tables(frame)["mlp on digits: test error (%), evaluation mode"]
-    runs = frame[(frame.model == "mlp") & (frame.norm == "group") & (frame.batch_size == 16)]
+    runs = frame[(frame.model == "mlp") & (frame.norm == "group") & (frame.batch_size == 16)
+                 & (frame.lr_scaling == "linear")]
     values = runs.test_error * 100
     assert table.loc["group", "16"] == f"{values.mean():.3g} ± {values.std():.2g}"
     assert table.loc["batch", "1"] == "n/a"
+    fixed = study.tables(frame)["mlp on digits: test error (%) with a fixed learning rate "
+                                "against the linear rule"]
+    assert set(fixed.index) == {("group", "fixed"), ("group", "linear")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,3 +191,53 @@ def test_findings_say_when_renorm_is_better_somewhere_and_worse_elsewhere():
     renorm = {2: 0.12, 4: 0.15, 8: 0.05, 16: 0.032, 32: 0.03, 64: 0.03}
     text = "\n".join(study_module.findings(made_up_frame({"batch": BN, "renorm": renorm})))
     assert "it is better at batch sizes [2] and worse at [4]" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Verdicts from made-up numbers: which explanation of the small-batch rise
+# ---------------------------------------------------------------------------------------------
+
+def explanation_frame(fixed_group: float, fixed_batch: float, seeds: int = 5):
+    """The MLP at batch 2 and 32: linear-rate errors BN 30% / 3%, GN 10% / 3%; the fixed-rate
+    arm at batch 2 with the given errors for group/layer and batch norm."""
+    linear = {"batch": {2: 0.30, 32: 0.03}, "group": {2: 0.10, 32: 0.03},
+              "layer": {2: 0.10, 32: 0.03}}
+    frame = made_up_frame(linear, seeds=seeds).assign(lr_scaling="linear")
+    fixed = made_up_frame({"batch": {2: fixed_batch}, "group": {2: fixed_group},
+                           "layer": {2: fixed_group}}, seeds=seeds).assign(lr_scaling="fixed")
+    return pd.concat([frame, fixed], ignore_index=True)
+
+
+@pytest.mark.parametrize("fixed_group, fixed_batch, expected", [
+    (0.03, 0.031, "the learning rate"),        # the fixed rate cures every norm
+    (0.10, 0.30, "the batch statistics"),      # the fixed rate changes nothing, BN stays worse
+    (0.03, 0.20, "both"),
+    (0.10, 0.10, "neither"),
+])
+def test_the_rules_say_which_explanation_the_numbers_support(fixed_group, fixed_batch, expected):
+    frame = explanation_frame(fixed_group, fixed_batch)
+    rules = study_module.rules("mlp")
+    text = study_module.explanation(rules["rate"].judge(frame), rules["statistics"].judge(frame))
+    assert text.startswith(expected)
+    assert rules["degrades"].judge(frame).verdict == "holds"
+    assert rules["flat"].judge(frame).verdict == "does not hold"       # GN 10% vs 3%
+
+
+def test_a_fixed_rate_that_helps_one_norm_only_is_partly_the_learning_rate():
+    frame = explanation_frame(0.10, 0.10)
+    fixed_layer = (frame["lr_scaling"] == "fixed") & (frame["norm"] == "layer")
+    frame.loc[fixed_layer, "test_error"] -= 0.07                 # layer norm 3%, group norm 10%
+    rules = study_module.rules("mlp")
+    assert rules["rate"].judge(frame).verdict == "mixed"
+    text = study_module.explanation(rules["rate"].judge(frame), rules["statistics"].judge(frame))
+    assert text.startswith("partly the learning rate")
+
+
+def test_one_or_two_seeds_leave_the_explanation_undetermined():
+    frame = explanation_frame(0.03, 0.031, seeds=2)
+    rules = study_module.rules("mlp")
+    assert study_module.explanation(rules["rate"].judge(frame),
+                                    rules["statistics"].judge(frame)).startswith(
+        "undetermined (n=2)")
+    lines = study_module.verdict_lines(frame)
+    assert sum("**undetermined (n=2)**" in line for line in lines) == 4
