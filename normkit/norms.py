@@ -33,6 +33,7 @@ Every norm computes on a view of its input through one statistics engine
 from __future__ import annotations
 
 import math
+import operator
 from numbers import Integral, Real
 
 import numpy as np
@@ -173,7 +174,7 @@ class Norm:
         self.grads: dict[str, np.ndarray] = {}
         self.state: dict[str, np.ndarray] = {}
         self._saved = None                     # what backward needs, from the last forward
-        self._known: tuple = ()                # ids of params/state arrays last checked
+        self._known: tuple = ()                # the params/grads/state arrays last checked
 
     def _add_param(self, key: str, value: np.ndarray) -> None:
         self.params[key] = np.array(value, dtype=self.dtype)
@@ -229,9 +230,9 @@ class Norm:
     def _check_owned(self) -> None:
         """Every params/grads/state array still has the shape and dtype the kernels index with
         (an array replaced from outside is checked once, then trusted while it stays)."""
-        arrays = (self.params, self.grads, self.state)
-        current = tuple(id(a) for d in arrays for a in d.values())
-        if current == self._known:
+        current = (*self.params.values(), *self.grads.values(), *self.state.values())
+        known = self._known                    # the arrays themselves: an id could be reused
+        if len(current) == len(known) and all(map(operator.is_, current, known)):
             return
         if not hasattr(self, "_spec"):
             self._spec = {("params", k): (v.shape, v.dtype) for k, v in self.params.items()}

@@ -50,9 +50,11 @@ Every driver takes its flags as runtime arguments, so each compiles once per dty
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
-from numba import prange
-from numba.extending import overload
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic, overload
 
 from ._jit import jit
 
@@ -79,6 +81,13 @@ _MERGE_BLOCK = 256      # channels per work item when merging chunk statistics
 # float32 sum overflows (|x| near the float32 maximum) sends its group to the exact float64 loops.
 _BLOCK = 512
 _ROW_BLOCK = 64
+
+# Outputs of at least this many bytes (more than the L3 cache) are written with non-temporal
+# stores: they go to memory without first reading the destination's cache lines.
+STREAM_MIN_BYTES = 8 << 20
+_JIT_ENABLED = not numba.config.DISABLE_JIT
+_VECTOR_BYTES = 32
+_LINE_BYTES = 64
 
 # Driver phases: planes do everything in one; columns take three forward and two backward.
 _PLANES, _CHUNK_STATS, _MERGE, _ROWS_APPLY = 0, 1, 2, 3
@@ -141,12 +150,110 @@ def count_valid(mask2, masked, B, K, L, count):
 
 
 # ---------------------------------------------------------------------------------------------
+# Streaming output spans (planes, L > 1): y and dx of a channel run written with non-temporal
+# stores. Each formula exists as a plain loop and as a vector intrinsic computing one 32-byte
+# vector with the same IEEE operations in the same order (no FMA contraction, no reassociation),
+# so a value does not depend on which path wrote it. Whole 64-byte lines only are streamed; the
+# partial lines at both ends of a span get ordinary stores.
+# ---------------------------------------------------------------------------------------------
+
+def _vector_codegen(formula, n_arrays):
+    """Codegen of an intrinsic (dst, i, *arrays, *scalars): dst[i:i + W] = formula(lanes of
+    arrays[a][i:i + W], splatted scalars), stored non-temporally (dst + i is 32-byte aligned)."""
+    def codegen(context, builder, signature, args):
+        dst_type = signature.args[0]
+        element = context.get_value_type(dst_type.dtype)
+        itemsize = context.get_abi_sizeof(element)
+        vector = ir.VectorType(element, _VECTOR_BYTES // itemsize)
+        index = args[1]
+
+        def lanes(array_type, array_value):
+            data = context.make_array(array_type)(context, builder, array_value).data
+            return builder.gep(data, [index])
+
+        operands = []
+        for k in range(n_arrays):
+            ptr = lanes(signature.args[2 + k], args[2 + k])
+            operands.append(builder.load(builder.bitcast(ptr, vector.as_pointer()), align=itemsize))
+        for value in args[2 + n_arrays:]:
+            splat = ir.Constant(vector, ir.Undefined)
+            for lane in range(vector.count):
+                splat = builder.insert_element(splat, value, ir.Constant(ir.IntType(32), lane))
+            operands.append(splat)
+        result = formula(builder, *operands)
+        dst_ptr = lanes(dst_type, args[0])
+        store = builder.store(result, builder.bitcast(dst_ptr, vector.as_pointer()),
+                              align=_VECTOR_BYTES)
+        store.set_metadata("nontemporal",
+                           builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        return context.get_dummy_value()
+    return codegen
+
+
+def _affine_ir(b, x, mean_hi, scale, shift):
+    return b.fadd(b.fmul(b.fsub(x, mean_hi), scale), shift)
+
+
+def _dx_ir(b, dy, x, dy_coef, mean_hi, x_coef, const):
+    return b.fadd(b.fadd(b.fmul(dy, dy_coef), b.fmul(b.fsub(x, mean_hi), x_coef)), const)
+
+
+@intrinsic
+def _stream_affine_vector(typingctx, dst, i, x, mean_hi, scale, shift):
+    return (types.void(dst, i, x, mean_hi, scale, shift), _vector_codegen(_affine_ir, 1))
+
+
+@intrinsic
+def _stream_dx_vector(typingctx, dst, i, dy, x, dy_coef, mean_hi, x_coef, const):
+    return (types.void(dst, i, dy, x, dy_coef, mean_hi, x_coef, const), _vector_codegen(_dx_ir, 2))
+
+
+@jit()
+def _streamed_range(dst, n):
+    """(head, body_end): dst[head:body_end] are the whole 64-byte lines of dst[:n]."""
+    line = _LINE_BYTES // dst.itemsize
+    head = min((-dst.ctypes.data % _LINE_BYTES) // dst.itemsize, n)
+    return head, head + (n - head) // line * line
+
+
+@jit()
+def _stream_affine(xs, ys, mean_hi, scale, shift):
+    """ys = (xs - mean_hi) * scale + shift in x's dtype, streamed; xs, ys (K,) contiguous."""
+    head, body_end = _streamed_range(ys, ys.size)
+    for k in range(head):
+        ys[k] = (xs[k] - mean_hi) * scale + shift
+    for k in range(head, body_end, _VECTOR_BYTES // ys.itemsize):
+        _stream_affine_vector(ys, k, xs, mean_hi, scale, shift)
+    for k in range(body_end, ys.size):
+        ys[k] = (xs[k] - mean_hi) * scale + shift
+
+
+@jit()
+def _stream_dx(ds, xs, dxs, dy_coef, mean_hi, x_coef, const):
+    """dxs = ds * dy_coef + (xs - mean_hi) * x_coef + const in x's dtype, streamed; (K,)."""
+    head, body_end = _streamed_range(dxs, dxs.size)
+    for k in range(head):
+        dxs[k] = ds[k] * dy_coef + (xs[k] - mean_hi) * x_coef + const
+    for k in range(head, body_end, _VECTOR_BYTES // dxs.itemsize):
+        _stream_dx_vector(dxs, k, ds, xs, dy_coef, mean_hi, x_coef, const)
+    for k in range(body_end, dxs.size):
+        dxs[k] = ds[k] * dy_coef + (xs[k] - mean_hi) * x_coef + const
+
+
+@jit()
+def _streams(out):
+    """Whether to write ``out`` with non-temporal stores: when it is larger than the L3 cache
+    (never as plain Python, NUMBA_DISABLE_JIT=1, where the vector intrinsics do not exist)."""
+    return _JIT_ENABLED and out.nbytes >= STREAM_MIN_BYTES
+
+
+# ---------------------------------------------------------------------------------------------
 # Planes: one item per group (v, g), rows of K * L contiguous values
 # ---------------------------------------------------------------------------------------------
 
 @jit(reduction=True)
 def _plane_forward_item(s, x3, y3, B, K, L, gamma2, beta2, eps, centered, mask2, masked, mean,
-                        var, count, mode):
+                        var, count, mode, stream):
     """Group s = v * G + g: statistics into mean[v, g], var[v, g] (two passes, see the module
     docstring) and/or y = (x - mean) * gamma * inv_std + beta (0 where masked); x3, y3 (N, G, K*L)."""
     G = x3.shape[1]
@@ -256,6 +363,9 @@ def _plane_forward_item(s, x3, y3, B, K, L, gamma2, beta2, eps, centered, mask2,
                 shift = _cast_like(x3, beta2[g, k] - mean_lo * scale64)
                 xk = xs[k * L:(k + 1) * L]     # (L,)
                 yk = ys[k * L:(k + 1) * L]
+                if stream:
+                    _stream_affine(xk, yk, mean_hi, scale, shift)
+                    continue
                 for l in range(L):
                     yk[l] = (xk[l] - mean_hi) * scale + shift
         if masked:
@@ -268,7 +378,7 @@ def _plane_forward_item(s, x3, y3, B, K, L, gamma2, beta2, eps, centered, mask2,
 
 @jit(reduction=True)
 def _plane_backward_item(item, dy3, x3, dx3, B, K, L, gamma2, mean, var, count, eps, centered,
-                         frozen, mask2, masked, chunk_groups, part_dy, part_dy_dev):
+                         frozen, mask2, masked, chunk_groups, part_dy, part_dy_dev, stream):
     """Groups (v, g) for v in chunk j = item // G: dx (0 where masked), and the chunk's partial
     dbeta and dgamma per channel into part_dy[j, g], part_dy_dev[j, g] (K,)."""
     G = x3.shape[1]
@@ -379,6 +489,9 @@ def _plane_backward_item(item, dy3, x3, dx3, B, K, L, gamma2, mean, var, count, 
                     xk = xs[k * L:(k + 1) * L]     # (L,)
                     dk = ds[k * L:(k + 1) * L]
                     dxk = dxs[k * L:(k + 1) * L]
+                    if stream:
+                        _stream_dx(dk, xk, dxk, c1, mean_hi, x_coef, const)
+                        continue
                     for l in range(L):
                         dxk[l] = dk[l] * c1 + (xk[l] - mean_hi) * x_coef + const
             if masked:
@@ -645,6 +758,7 @@ def forward(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, c
         raise ValueError("out must have the shape of x")
     count_valid(mask2, masked, B, K, L, count)
     parallel = x4.size >= PARALLEL_MIN_SIZE
+    stream = _streams(y4)
     V = N // B
     columns = K * L == 1 and B > 1
     x3 = x4.reshape((N, G, K * L))
@@ -679,7 +793,7 @@ def forward(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, c
                 s = np.int64(item)
                 if phase == _PLANES:
                     _plane_forward_item(s, x3, y3, B, K, L, gamma2, beta2, eps, centered, mask2,
-                                        masked, mean, var, count, mode)
+                                        masked, mean, var, count, mode, stream)
                 elif phase == _MERGE:
                     _merge_chunks(s, blocks, J, chunk_count, chunk_mean, chunk_m2, mean, var)
                 else:
@@ -689,7 +803,7 @@ def forward(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, c
             for s in range(items):
                 if phase == _PLANES:
                     _plane_forward_item(s, x3, y3, B, K, L, gamma2, beta2, eps, centered, mask2,
-                                        masked, mean, var, count, mode)
+                                        masked, mean, var, count, mode, stream)
                 elif phase == _MERGE:
                     _merge_chunks(s, blocks, J, chunk_count, chunk_mean, chunk_m2, mean, var)
                 else:
@@ -713,6 +827,7 @@ def backward(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
             or dbeta2.shape[1] != K):
         raise ValueError("dgamma and dbeta must have shape (G, K)")
     parallel = x4.size >= PARALLEL_MIN_SIZE
+    stream = _streams(dx4)
     V = N // B
     columns = K * L == 1 and B > 1
     x3 = x4.reshape((N, G, K * L))
@@ -742,7 +857,7 @@ def backward(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
                 if phase == _PLANES:
                     _plane_backward_item(s, dy3, x3, dx3, B, K, L, gamma2, mean, var, count, eps,
                                          centered, frozen, mask2, masked, (V + chunks - 1) // chunks,
-                                         part_dy, part_dy_dev)
+                                         part_dy, part_dy_dev, stream)
                 else:
                     _rows_backward_item(phase, s, dy2, x2, dx2, B, R, J, mask2, masked, mean,
                                         part_dy, part_dy_dev, coefficients)
@@ -751,7 +866,7 @@ def backward(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
                 if phase == _PLANES:
                     _plane_backward_item(s, dy3, x3, dx3, B, K, L, gamma2, mean, var, count, eps,
                                          centered, frozen, mask2, masked, (V + chunks - 1) // chunks,
-                                         part_dy, part_dy_dev)
+                                         part_dy, part_dy_dev, stream)
                 else:
                     _rows_backward_item(phase, s, dy2, x2, dx2, B, R, J, mask2, masked, mean,
                                         part_dy, part_dy_dev, coefficients)
