@@ -193,6 +193,10 @@ class Norm:
                             f"batch-statistics norms (batch, ghost, renorm, recurrent_batch)")
         self._check_owned()
         self._check_params()
+        return self._run(x, training, mask, out)
+
+    def _run(self, x, training, mask, out):
+        """The checked call: compute, then commit the new state and keep what backward needs."""
         y, saved, commit = self._forward(x, training, mask, out)
         if commit is not None:
             commit()
@@ -322,6 +326,7 @@ class _ChannelNorm(_EngineNorm):
         self.eps = _check_eps(eps)
         self.affine = _check_bool("affine", affine)
         self.axis = _check_axis(axis)
+        self._splits: dict = {}
         C = self.num_features
         if self.affine:
             self._add_param("gamma", np.ones(C))
@@ -359,11 +364,18 @@ class _ChannelNorm(_EngineNorm):
             raise ValueError(f"x is empty: shape {x.shape}")
 
     def _split(self, x):
-        """(pre, C, post): the sizes before, at and after the channel axis, and the mask shape."""
-        axis = self._channel_axis(x)
-        pre = math.prod(x.shape[:axis])
-        post = math.prod(x.shape[axis + 1:])
-        return pre, x.shape[axis], post, x.shape[:axis] + x.shape[axis + 1:]
+        """(pre, C, post): the sizes before, at and after the channel axis, and the mask shape
+        (kept per input shape: a training loop sees a few)."""
+        split = self._splits.get(x.shape)
+        if split is None:
+            if len(self._splits) > 16:
+                self._splits.clear()
+            axis = self._channel_axis(x)
+            pre = math.prod(x.shape[:axis])
+            post = math.prod(x.shape[axis + 1:])
+            split = self._splits[x.shape] = (pre, x.shape[axis], post,
+                                             x.shape[:axis] + x.shape[axis + 1:])
+        return split
 
     def _describe(self):
         axis = "" if self.axis == 1 else f", axis={self.axis}"
@@ -456,10 +468,8 @@ class BatchNorm(_ChannelNorm):
     def _commit(self, mean, var, count, training, pooled):
         if not (training and self.track_running_stats):
             return None
-        if np.all(count == 0):
-            return None                        # nothing valid in the batch: no update
 
-        def commit():
+        def commit():                          # a group with no valid value updates nothing
             state = self.state
             _engine.running_update(state["running_mean"].reshape(1, -1),
                                    state["running_var"].reshape(1, -1),

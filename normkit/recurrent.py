@@ -198,11 +198,7 @@ class RecurrentBatchNorm(_EngineNorm):
         if training and self.per_step and T > self.num_slots:
             self.grow_to(T)
             self._reshape_state()
-        y, saved, commit = self._forward(x, training, mask, out)
-        if commit is not None:
-            commit()
-        self._saved = saved
-        return y
+        return self._run(x, training, mask, out)
 
     def _forward(self, x, training, mask, out):
         T, N, F = x.shape

@@ -462,6 +462,8 @@ BAD_CALLS = [
     ("h0 shape", lambda m: m.forward(X, True, h0=np.zeros((3, 5), np.float32)), ValueError,
      "h0 must have shape (3, 4)"),
     ("dtype", lambda m: m.forward(X.astype(np.float64), True), TypeError, "dtype=np.float64"),
+    ("integer x", lambda m: m.forward(X.astype(np.int32), True), TypeError,
+     "x must be a float32 or float64 array"),
     ("longer than max_steps", lambda m: m.forward(np.ones((5, 3, 3), np.float32), True), ValueError,
      "max_steps=4"),
     ("one sequence", lambda m: m.forward(X[:, :1], True), ValueError, "more than 1 value"),

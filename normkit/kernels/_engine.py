@@ -251,6 +251,15 @@ def _streams(out):
 # Planes: one item per group (v, g), rows of K * L contiguous values
 # ---------------------------------------------------------------------------------------------
 
+@jit()
+def _zero_padding(row, m, K, L):
+    """row[k * L + l] = 0 where m[l] is False; row (K * L,), m (L,) one row of the mask."""
+    for k in range(K):
+        for l in range(L):
+            if not m[l]:
+                row[k * L + l] = 0
+
+
 @jit(reduction=True)
 def _plane_forward_item(s, x3, y3, B, K, L, gamma2, beta2, eps, centered, mask2, masked, mean,
                         var, count, mode, stream):
@@ -369,11 +378,7 @@ def _plane_forward_item(s, x3, y3, B, K, L, gamma2, beta2, eps, centered, mask2,
                 for l in range(L):
                     yk[l] = (xk[l] - mean_hi) * scale + shift
         if masked:
-            m = mask2[n]
-            for k in range(K):
-                for l in range(L):
-                    if not m[l]:
-                        ys[k * L + l] = 0
+            _zero_padding(ys, mask2[n], K, L)
 
 
 @jit(reduction=True)
@@ -495,11 +500,7 @@ def _plane_backward_item(item, dy3, x3, dx3, B, K, L, gamma2, mean, var, count, 
                     for l in range(L):
                         dxk[l] = dk[l] * c1 + (xk[l] - mean_hi) * x_coef + const
             if masked:
-                m = mask2[n]
-                for k in range(K):
-                    for l in range(L):
-                        if not m[l]:
-                            dxs[k * L + l] = 0
+                _zero_padding(dxs, mask2[n], K, L)
 
 
 # ---------------------------------------------------------------------------------------------

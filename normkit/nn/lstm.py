@@ -141,6 +141,9 @@ class LSTM:
         if not isinstance(a, np.ndarray):
             raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
         if a.dtype != self.dtype:
+            if a.dtype not in (np.float32, np.float64):
+                raise TypeError(f"{name} must be a float32 or float64 array (this LSTM holds "
+                                f"{self.dtype}), got dtype {a.dtype}; cast {name}")
             raise TypeError(f"{name} has dtype {a.dtype} but this LSTM holds {self.dtype} "
                             f"parameters; build it with dtype=np.{a.dtype} or cast {name}")
         if a.shape != shape:
