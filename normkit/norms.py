@@ -302,7 +302,7 @@ class _EngineNorm(Norm):
 
     def _run_forward(self, x, x4, B, mask2, masked, out, mean, var, count, mode, gamma2, beta2):
         y = check_out(out, x.shape, self.dtype, x)
-        _engine.forward(x4, B, gamma2, beta2, self.eps, self.centered, mask2, masked,
+        _engine.run_forward(x4, B, gamma2, beta2, self.eps, self.centered, mask2, masked,
                         y.reshape(x4.shape), mean, var, count, mode)
         return y
 
@@ -311,7 +311,7 @@ class _EngineNorm(Norm):
         dx = check_out(out, x.shape, self.dtype, x, dy)
         G, K = x4.shape[1], x4.shape[2]
         dgamma, dbeta = np.empty((G, K)), np.empty((G, K))
-        _engine.backward(dy.reshape(x4.shape), x4, B, gamma2, mean, var, count, self.eps,
+        _engine.run_backward(dy.reshape(x4.shape), x4, B, gamma2, mean, var, count, self.eps,
                          self.centered, frozen, mask2, masked, dx.reshape(x4.shape), dgamma, dbeta)
         return dx, dgamma, dbeta
 
@@ -580,7 +580,7 @@ class BatchRenorm(BatchNorm):
         if not training:                       # never reached: renorm always tracks
             return super()._train_forward(x, x4, B, mask2, masked, out, mean, var, count,
                                           training, gamma2, beta2)
-        _engine.forward(x4, B, gamma2, beta2, self.eps, True, mask2, masked, x4, mean, var,
+        _engine.run_forward(x4, B, gamma2, beta2, self.eps, True, mask2, masked, x4, mean, var,
                         count, _engine.STATS_ONLY)
         sigma = np.sqrt(self.state["running_var"].astype(np.float64) + self.eps)
         r = np.clip(np.sqrt(var[0] + self.eps) / sigma, 1.0 / self.r_max, self.r_max)

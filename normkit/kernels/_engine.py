@@ -45,8 +45,9 @@ group is reduced by one thread in a fixed order, so serial and parallel runs agr
   channel) and computes each channel's count, mean and M2; the chunks of a row-group are merged
   in chunk order (Chan et al.'s pairwise update). The chunk size depends on the shape only.
 
-Every driver takes its flags as runtime arguments, so each compiles once per dtype; a runtime
-``parallel`` flag picks ``prange`` or a plain loop over the same work items.
+Every driver takes its flags as runtime arguments, so each compiles once per dtype. Each driver
+has a serial and a parallel twin compiled from the same source, picked by the input's size;
+``run_forward``/``run_backward`` pick one from Python and so compile only that one.
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic, overload
 
-from ._jit import jit
+from ._jit import jit, serial_and_parallel
 
 #: Inputs with fewer elements than this run on the calling thread only.
 PARALLEL_MIN_SIZE = 1 << 15
@@ -740,16 +741,16 @@ def _rows_backward_item(phase, s, dy2, x2, dx2, B, R, J, mask2, masked, mean, ch
 
 
 # ---------------------------------------------------------------------------------------------
-# Drivers: each runs its work items in phases through one loop, ``prange`` for large inputs.
+# Drivers: each runs its work items in phases through one ``prange`` loop; a serial and a
+# parallel twin of each, chosen by size (the serial one compiles in a fraction of the time).
 # ---------------------------------------------------------------------------------------------
 
-@jit(parallel=True)
-def forward(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, count, mode):
+def _forward_loop(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, count, mode):
     """Statistics of every group into mean, var (V, G) float64 and count (V,) (unless
     mode == APPLY_ONLY: then mean, var are given), and/or y4 = the normalized output.
 
     x4, y4 (N, G, K, L) C-contiguous, same dtype; gamma2, beta2 (G, K); mask2 (N, L) bool read
-    only if ``masked``. Runs in parallel when x4 is large.
+    only if ``masked``. (The body of the twins of :func:`forward`.)
     """
     N, G, K, L = x4.shape
     check_view(x4, B, mask2, masked, mean, var, count)
@@ -758,7 +759,6 @@ def forward(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, c
     if y4.shape != x4.shape:
         raise ValueError("out must have the shape of x")
     count_valid(mask2, masked, B, K, L, count)
-    parallel = x4.size >= PARALLEL_MIN_SIZE
     stream = _streams(y4)
     V = N // B
     columns = K * L == 1 and B > 1
@@ -789,32 +789,39 @@ def forward(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, c
                     coef[1, v, c] = scale
                     coef[2, v, c] = beta2[c, 0] - (mean[v, c] - np.float64(mean_hi)) * scale
         items = V * G if phase == _PLANES else V * blocks if phase == _MERGE else V * J
-        if parallel:
-            for item in prange(items):
-                s = np.int64(item)
-                if phase == _PLANES:
-                    _plane_forward_item(s, x3, y3, B, K, L, gamma2, beta2, eps, centered, mask2,
-                                        masked, mean, var, count, mode, stream)
-                elif phase == _MERGE:
-                    _merge_chunks(s, blocks, J, chunk_count, chunk_mean, chunk_m2, mean, var)
-                else:
-                    _rows_item(phase, s, x2, y2, B, R, J, mask2, masked, centered, chunk_count,
-                               chunk_mean, chunk_m2, coef)
-        else:
-            for s in range(items):
-                if phase == _PLANES:
-                    _plane_forward_item(s, x3, y3, B, K, L, gamma2, beta2, eps, centered, mask2,
-                                        masked, mean, var, count, mode, stream)
-                elif phase == _MERGE:
-                    _merge_chunks(s, blocks, J, chunk_count, chunk_mean, chunk_m2, mean, var)
-                else:
-                    _rows_item(phase, s, x2, y2, B, R, J, mask2, masked, centered, chunk_count,
-                               chunk_mean, chunk_m2, coef)
+        for item in prange(items):
+            s = np.int64(item)
+            if phase == _PLANES:
+                _plane_forward_item(s, x3, y3, B, K, L, gamma2, beta2, eps, centered, mask2,
+                                    masked, mean, var, count, mode, stream)
+            elif phase == _MERGE:
+                _merge_chunks(s, blocks, J, chunk_count, chunk_mean, chunk_m2, mean, var)
+            else:
+                _rows_item(phase, s, x2, y2, B, R, J, mask2, masked, centered, chunk_count,
+                           chunk_mean, chunk_m2, coef)
 
 
-@jit(parallel=True)
-def backward(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2, masked, dx4,
-             dgamma2, dbeta2):
+_forward_serial, _forward_parallel = serial_and_parallel(_forward_loop)
+
+
+@jit()
+def forward(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, count, mode):
+    """Statistics of every group into mean, var (V, G) float64 and count (V,) (unless
+    mode == APPLY_ONLY: then mean, var are given), and/or y4 = the normalized output.
+
+    x4, y4 (N, G, K, L) C-contiguous, same dtype; gamma2, beta2 (G, K); mask2 (N, L) bool read
+    only if ``masked``. Runs in parallel when x4 has PARALLEL_MIN_SIZE values or more.
+    """
+    if x4.size >= PARALLEL_MIN_SIZE:
+        _forward_parallel(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var,
+                          count, mode)
+    else:
+        _forward_serial(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var,
+                        count, mode)
+
+
+def _backward_loop(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2, masked,
+                   dx4, dgamma2, dbeta2):
     """Gradient of :func:`forward`: dx into dx4, dgamma and dbeta (G, K) float64 into
     dgamma2, dbeta2 (overwritten). mean, var (V, G) and count (V,) as forward wrote them;
     ``frozen``: the statistics are constants (evaluation mode)."""
@@ -827,7 +834,6 @@ def backward(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
     if (dgamma2.shape[0] != G or dgamma2.shape[1] != K or dbeta2.shape[0] != G
             or dbeta2.shape[1] != K):
         raise ValueError("dgamma and dbeta must have shape (G, K)")
-    parallel = x4.size >= PARALLEL_MIN_SIZE
     stream = _streams(dx4)
     V = N // B
     columns = K * L == 1 and B > 1
@@ -852,25 +858,15 @@ def backward(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
             _rows_coefficients(gamma2, mean, var, count, eps, centered, frozen, part_dy,
                                part_dy_dev, coefficients)
         items = chunks * G if phase == _PLANES else V * J
-        if parallel:
-            for item in prange(items):
-                s = np.int64(item)
-                if phase == _PLANES:
-                    _plane_backward_item(s, dy3, x3, dx3, B, K, L, gamma2, mean, var, count, eps,
-                                         centered, frozen, mask2, masked, (V + chunks - 1) // chunks,
-                                         part_dy, part_dy_dev, stream)
-                else:
-                    _rows_backward_item(phase, s, dy2, x2, dx2, B, R, J, mask2, masked, mean,
-                                        part_dy, part_dy_dev, coefficients)
-        else:
-            for s in range(items):
-                if phase == _PLANES:
-                    _plane_backward_item(s, dy3, x3, dx3, B, K, L, gamma2, mean, var, count, eps,
-                                         centered, frozen, mask2, masked, (V + chunks - 1) // chunks,
-                                         part_dy, part_dy_dev, stream)
-                else:
-                    _rows_backward_item(phase, s, dy2, x2, dx2, B, R, J, mask2, masked, mean,
-                                        part_dy, part_dy_dev, coefficients)
+        for item in prange(items):
+            s = np.int64(item)
+            if phase == _PLANES:
+                _plane_backward_item(s, dy3, x3, dx3, B, K, L, gamma2, mean, var, count, eps,
+                                     centered, frozen, mask2, masked, (V + chunks - 1) // chunks,
+                                     part_dy, part_dy_dev, stream)
+            else:
+                _rows_backward_item(phase, s, dy2, x2, dx2, B, R, J, mask2, masked, mean,
+                                    part_dy, part_dy_dev, coefficients)
     for g in range(G):
         for k in range(K):
             dbeta2[g, k] = 0.0
@@ -888,6 +884,35 @@ def backward(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
             for k in range(K):
                 dbeta2[g, k] += part_dy[j, g, k]
                 dgamma2[g, k] += part_dy_dev[j, g, k]
+
+
+_backward_serial, _backward_parallel = serial_and_parallel(_backward_loop)
+
+
+@jit()
+def backward(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2, masked, dx4,
+             dgamma2, dbeta2):
+    """Gradient of :func:`forward`: dx into dx4, dgamma and dbeta (G, K) float64 into
+    dgamma2, dbeta2 (overwritten). mean, var (V, G) and count (V,) as forward wrote them;
+    ``frozen``: the statistics are constants (evaluation mode)."""
+    if x4.size >= PARALLEL_MIN_SIZE:
+        _backward_parallel(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
+                           masked, dx4, dgamma2, dbeta2)
+    else:
+        _backward_serial(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
+                         masked, dx4, dgamma2, dbeta2)
+
+
+def run_forward(x4, *args):
+    """:func:`forward` from Python, compiling only the twin this size takes (same arguments)."""
+    driver = _forward_parallel if x4.size >= PARALLEL_MIN_SIZE else _forward_serial
+    driver(x4, *args)
+
+
+def run_backward(dy4, x4, *args):
+    """:func:`backward` from Python, compiling only the twin this size takes (same arguments)."""
+    driver = _backward_parallel if x4.size >= PARALLEL_MIN_SIZE else _backward_serial
+    driver(dy4, x4, *args)
 
 
 @jit()

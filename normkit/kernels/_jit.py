@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import types
 
 import numba
 from numba.core import types as nbtypes
@@ -98,6 +99,25 @@ def jit(*, parallel: bool = False, reduction: bool = False, inline: bool = False
             return dispatcher                  # NUMBA_DISABLE_JIT=1: the plain function
         return _unliteral_call_template(dispatcher)
     return decorate
+
+
+def serial_and_parallel(loop):
+    """Two compiled twins of one driver whose outer loops are ``prange``: (serial, parallel).
+
+    The serial twin runs on the calling thread (``prange`` acts as ``range``) and compiles
+    without the parallel passes; callers pick it for small inputs, where waking the thread pool
+    costs more than the work, and Python callers compile only the twin they use. Each twin is
+    compiled from its own copy of the function under its own name, so their caches stay apart.
+    """
+    twins = []
+    for suffix, parallel in (("serial", False), ("parallel", True)):
+        clone = types.FunctionType(loop.__code__, loop.__globals__, f"{loop.__name__}_{suffix}",
+                                   loop.__defaults__, loop.__closure__)
+        clone.__qualname__ = f"{loop.__qualname__}_{suffix}"
+        clone.__module__ = loop.__module__
+        clone.__doc__ = loop.__doc__
+        twins.append(jit(parallel=parallel)(clone))
+    return tuple(twins)
 
 
 def _jitted_sources(package: pathlib.Path) -> list[pathlib.Path]:
