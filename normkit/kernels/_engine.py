@@ -218,9 +218,11 @@ def _streamed_range(dst, n):
 
 
 @jit()
-def _stream_affine(xs, ys, mean_hi, scale, shift):
-    """ys = (xs - mean_hi) * scale + shift in x's dtype, streamed; xs, ys (K,) contiguous."""
-    head, body_end = _streamed_range(ys, ys.size)
+def _affine_span(xs, ys, mean_hi, scale, shift, stream):
+    """ys = (xs - mean_hi) * scale + shift in x's dtype (streamed if ``stream``); xs, ys (K,)
+    contiguous. Output formulas live in functions without fastmath, so a value is the same in
+    every caller whatever LLVM does with the sums around it."""
+    head, body_end = _streamed_range(ys, ys.size) if stream else (ys.size, ys.size)
     for k in range(head):
         ys[k] = (xs[k] - mean_hi) * scale + shift
     for k in range(head, body_end, _VECTOR_BYTES // ys.itemsize):
@@ -230,15 +232,48 @@ def _stream_affine(xs, ys, mean_hi, scale, shift):
 
 
 @jit()
-def _stream_dx(ds, xs, dxs, dy_coef, mean_hi, x_coef, const):
-    """dxs = ds * dy_coef + (xs - mean_hi) * x_coef + const in x's dtype, streamed; (K,)."""
-    head, body_end = _streamed_range(dxs, dxs.size)
+def _dx_span(ds, xs, dxs, dy_coef, mean_hi, x_coef, const, stream):
+    """dxs = ds * dy_coef + (xs - mean_hi) * x_coef + const in x's dtype (streamed if
+    ``stream``); (K,) contiguous."""
+    head, body_end = _streamed_range(dxs, dxs.size) if stream else (dxs.size, dxs.size)
     for k in range(head):
         dxs[k] = ds[k] * dy_coef + (xs[k] - mean_hi) * x_coef + const
     for k in range(head, body_end, _VECTOR_BYTES // dxs.itemsize):
         _stream_dx_vector(dxs, k, ds, xs, dy_coef, mean_hi, x_coef, const)
     for k in range(body_end, dxs.size):
         dxs[k] = ds[k] * dy_coef + (xs[k] - mean_hi) * x_coef + const
+
+
+@jit()
+def _affine_row(xs, ys, mean_hi, inv, lo, gamma, beta):
+    """ys = ((xs - mean_hi) * inv + lo) * gamma + beta, gamma and beta per element (a layer-norm
+    row); (K,) in x's dtype."""
+    for k in range(ys.size):
+        ys[k] = ((xs[k] - mean_hi) * inv + lo) * gamma[k] + beta[k]
+
+
+@jit()
+def _affine_channels(xs, ys, mean_hi, scale, shift):
+    """ys = (xs - mean_hi) * scale + shift with per-element coefficients (a row of channels);
+    (C,) in x's dtype."""
+    for k in range(ys.size):
+        ys[k] = (xs[k] - mean_hi[k]) * scale[k] + shift[k]
+
+
+@jit()
+def _dx_row(ds, xs, dxs, gamma, inv, mean_hi, x_coef, const):
+    """dxs = ds * gamma * inv + (xs - mean_hi) * x_coef + const, gamma per element (a
+    layer-norm row); (K,) in x's dtype."""
+    for k in range(dxs.size):
+        dxs[k] = ds[k] * gamma[k] * inv + (xs[k] - mean_hi) * x_coef + const
+
+
+@jit()
+def _dx_channels(ds, xs, dxs, c1, mean_hi, c2, c3):
+    """dxs = ds * c1 + (xs - mean_hi) * c2 + c3 with per-element coefficients (a row of
+    channels); (C,) in x's dtype."""
+    for k in range(dxs.size):
+        dxs[k] = ds[k] * c1[k] + (xs[k] - mean_hi[k]) * c2[k] + c3[k]
 
 
 @jit()
@@ -362,10 +397,7 @@ def _plane_forward_item(s, x3, y3, B, K, L, gamma2, beta2, eps, centered, mask2,
                 for l in range(L):
                     ys[k * L + l] = (np.float64(xs[k * L + l]) - mu) * scale64 + beta2[g, k]
         elif L == 1:                           # gamma per element of the row (layer norm)
-            gamma = gamma2[g]                  # (K,)
-            beta = beta2[g]
-            for k in range(K):
-                ys[k] = ((xs[k] - mean_hi) * inv + lo) * gamma[k] + beta[k]
+            _affine_row(xs, ys, mean_hi, inv, lo, gamma2[g], beta2[g])
         else:
             for k in range(K):
                 scale64 = inv_std * gamma2[g, k]
@@ -373,11 +405,7 @@ def _plane_forward_item(s, x3, y3, B, K, L, gamma2, beta2, eps, centered, mask2,
                 shift = _cast_like(x3, beta2[g, k] - mean_lo * scale64)
                 xk = xs[k * L:(k + 1) * L]     # (L,)
                 yk = ys[k * L:(k + 1) * L]
-                if stream:
-                    _stream_affine(xk, yk, mean_hi, scale, shift)
-                    continue
-                for l in range(L):
-                    yk[l] = (xk[l] - mean_hi) * scale + shift
+                _affine_span(xk, yk, mean_hi, scale, shift, stream)
         if masked:
             _zero_padding(ys, mask2[n], K, L)
 
@@ -486,20 +514,14 @@ def _plane_backward_item(item, dy3, x3, dx3, B, K, L, gamma2, mean, var, count, 
                         i = k * L + l
                         dxs[i] = np.float64(ds[i]) * c1 + (np.float64(xs[i]) - mu) * c2 + c3
             elif L == 1:
-                gamma = gamma2[g]              # (K,)
-                for k in range(K):
-                    dxs[k] = ds[k] * gamma[k] * inv + (xs[k] - mean_hi) * x_coef + const
+                _dx_row(ds, xs, dxs, gamma2[g], inv, mean_hi, x_coef, const)
             else:
                 for k in range(K):
                     c1 = _cast_like(x3, gamma2[g, k] * inv_std)
                     xk = xs[k * L:(k + 1) * L]     # (L,)
                     dk = ds[k * L:(k + 1) * L]
                     dxk = dxs[k * L:(k + 1) * L]
-                    if stream:
-                        _stream_dx(dk, xk, dxk, c1, mean_hi, x_coef, const)
-                        continue
-                    for l in range(L):
-                        dxk[l] = dk[l] * c1 + (xk[l] - mean_hi) * x_coef + const
+                    _dx_span(dk, xk, dxk, c1, mean_hi, x_coef, const, stream)
             if masked:
                 _zero_padding(dxs, mask2[n], K, L)
 
@@ -533,8 +555,7 @@ def _rows_item(phase, s, x2, y2, B, R, J, mask2, masked, centered, chunk_count, 
                 for c in range(C):
                     yr[c] = 0
                 continue
-            for c in range(C):
-                yr[c] = (xr[c] - mean_hi[c]) * scale[c] + shift[c]
+            _affine_channels(xr, yr, mean_hi, scale, shift)
         return
     rows = r1 - r0
     if masked:
@@ -640,12 +661,17 @@ def _merge_chunks(s, blocks, J, chunk_count, chunk_mean, chunk_m2, mean, var):
 
 @jit()
 def _rows_coefficients(gamma2, mean, var, count, eps, centered, frozen, chunk_dy, chunk_dy_dev,
-                       coefficients):
-    """dx = dy * c1 + (x - mean_hi) * c2 + c3 per (v, c): coefficients[0..3] = (c1, mean_hi,
-    c2, c3) (V, C) in x's dtype, from the chunk sums chunk_dy, chunk_dy_dev (V, J, C) of dy and
-    dy * (x - mean), added in order."""
+                       coefficients, dgamma2, dbeta2):
+    """From the chunk sums chunk_dy, chunk_dy_dev (V, J, C) of dy and dy * (x - mean), added
+    in order: dbeta and dgamma (C, 1) float64 (summed over the row-groups v in order), and
+    dx = dy * c1 + (x - mean_hi) * c2 + c3 per (v, c): coefficients[0..3] = (c1, mean_hi, c2,
+    c3) (V, C) in x's dtype."""
     V, J, C = chunk_dy.shape
+    for c in range(C):
+        dbeta2[c, 0] = 0.0
+        dgamma2[c, 0] = 0.0
     for v in range(V):
+        per_value = 1.0 / count[v] if count[v] > 0 else 0.0
         for c in range(C):
             s_dy = 0.0
             s_dy_dev = 0.0
@@ -654,12 +680,14 @@ def _rows_coefficients(gamma2, mean, var, count, eps, centered, frozen, chunk_dy
                 s_dy_dev += chunk_dy_dev[v, j, c]
             inv_std = 1.0 / np.sqrt(var[v, c] + eps)
             gamma = np.float64(gamma2[c, 0])
+            dbeta2[c, 0] += s_dy
+            dgamma2[c, 0] += s_dy_dev * inv_std
             c2 = 0.0
             c3 = 0.0
-            if not frozen and count[v] > 0:
-                c2 = -inv_std * inv_std * inv_std * gamma * s_dy_dev / count[v]
+            if not frozen:
+                c2 = -inv_std * inv_std * inv_std * gamma * s_dy_dev * per_value
                 if centered:
-                    c3 = -inv_std * gamma * s_dy / count[v]
+                    c3 = -inv_std * gamma * s_dy * per_value
             mean_hi = _cast_like(coefficients, mean[v, c])
             coefficients[0, v, c] = gamma * inv_std
             coefficients[1, v, c] = mean_hi
@@ -692,8 +720,7 @@ def _rows_backward_item(phase, s, dy2, x2, dx2, B, R, J, mask2, masked, mean, ch
                 for c in range(C):
                     dxr[c] = 0
                 continue
-            for c in range(C):
-                dxr[c] = dr[c] * c1[c] + (xr[c] - mean_hi[c]) * c2[c] + c3[c]
+            _dx_channels(dr, xr, dxr, c1, mean_hi, c2, c3)
         return
     s_dy = chunk_dy[v, j]                      # (C,)
     s_dy_dev = chunk_dy_dev[v, j]
@@ -856,7 +883,7 @@ def _backward_loop(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, 
     for phase in range(first, last + 1, 2):
         if phase == _ROWS_DX:
             _rows_coefficients(gamma2, mean, var, count, eps, centered, frozen, part_dy,
-                               part_dy_dev, coefficients)
+                               part_dy_dev, coefficients, dgamma2, dbeta2)
         items = chunks * G if phase == _PLANES else V * J
         for item in prange(items):
             s = np.int64(item)
@@ -867,18 +894,12 @@ def _backward_loop(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, 
             else:
                 _rows_backward_item(phase, s, dy2, x2, dx2, B, R, J, mask2, masked, mean,
                                     part_dy, part_dy_dev, coefficients)
+    if columns:                                # dgamma, dbeta: written with the coefficients
+        return
     for g in range(G):
         for k in range(K):
             dbeta2[g, k] = 0.0
             dgamma2[g, k] = 0.0
-    if columns:                                # sums of each row-group, chunks in order
-        for v in range(V):
-            for c in range(G):
-                inv_std = 1.0 / np.sqrt(var[v, c] + eps)
-                for j in range(J):
-                    dbeta2[c, 0] += part_dy[v, j, c]
-                    dgamma2[c, 0] += part_dy_dev[v, j, c] * inv_std
-        return
     for j in range(chunks):
         for g in range(G):
             for k in range(K):
