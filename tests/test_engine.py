@@ -224,20 +224,25 @@ def test_rms_backward_stays_finite_with_a_huge_float32_value():
     np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("name,shape", [("batch", (4, 3, 6)), ("instance", (4, 3, 6)),
-                                        ("rms", (4, 18))])
-def test_values_near_the_float32_maximum_stay_finite(name, shape):
+@pytest.mark.parametrize("name,shape,axis", [("batch", (4, 3, 6), 1), ("instance", (4, 3, 6), 1),
+                                             ("rms", (4, 18), 1), ("batch", (64, 3), 1),
+                                             ("batch", (8, 6, 3), -1)],
+                         ids=["batch", "instance", "rms", "batch (N,C)", "batch channels-last"])
+def test_values_near_the_float32_maximum_stay_finite(name, shape, axis):
     """|x| ~ 1e38: statistics and outputs finite wherever PyTorch's are (here: everywhere)."""
     rng = _rng(8)
     x = (rng.uniform(-1, 1, shape) * 3e38).astype(F32)
+    x[0] = 3.3e38                              # x - mean beyond the float32 maximum
+    x[1] = -3.3e38
     dy = rng.standard_normal(shape).astype(F32)
-    norm = normkit.make(name, shape[-1] if name == "rms" else shape[1])
+    kwargs = {} if name == "rms" else {"axis": axis}
+    norm = normkit.make(name, shape[-1] if name == "rms" or axis == -1 else shape[1], **kwargs)
     y = norm.forward(x, training=True)
     dx = norm.backward(dy)
     assert np.isfinite(y).all(), np.isfinite(y).mean()
     assert np.isfinite(dx).all(), np.isfinite(dx).mean()
     expected = {"batch": ref.batch_forward_train, "instance": None, "rms": None}[name]
-    if expected is not None:
+    if expected is not None and axis == 1:
         np.testing.assert_allclose(y, expected(x.astype(F64), np.ones(3), np.zeros(3), 1e-5)[0],
                                    rtol=1e-4, atol=1e-4)
 

@@ -109,8 +109,9 @@ def _cast_like_jit(a, value):
 @jit()
 def _extreme(x, mean, var, count):
     """Whether x - mean may overflow x's dtype for values of this group (|mean| + the largest
-    possible deviation, sqrt(count * var), beyond half the float32 maximum): such groups take
-    the float64 loops."""
+    possible deviation, sqrt(count * var), beyond half the dtype's maximum): such groups take
+    the float64 loops (planes) or are written as x * scale + (shift - mean * scale) (columns,
+    where the spread is then so large that the cancellation costs nothing)."""
     limit = 1.7e38 if x.itemsize == 4 else 8.9e307
     return abs(mean) + np.sqrt(var * max(count, 1.0)) > limit
 
@@ -689,6 +690,8 @@ def _rows_coefficients(gamma2, mean, var, count, eps, centered, frozen, chunk_dy
                 if centered:
                     c3 = -inv_std * gamma * s_dy * per_value
             mean_hi = _cast_like(coefficients, mean[v, c])
+            if _extreme(coefficients, mean[v, c], var[v, c], count[v]):
+                mean_hi = _cast_like(coefficients, 0.0)    # x - mean could overflow
             coefficients[0, v, c] = gamma * inv_std
             coefficients[1, v, c] = mean_hi
             coefficients[2, v, c] = c2
@@ -812,6 +815,8 @@ def _forward_loop(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, 
                 for c in range(G):
                     scale = gamma2[c, 0] / np.sqrt(var[v, c] + eps)
                     mean_hi = _cast_like(x4, mean[v, c])
+                    if _extreme(x4, mean[v, c], var[v, c], count[v]):
+                        mean_hi = _cast_like(x4, 0.0)  # x - mean could overflow: x * scale + ...
                     coef[0, v, c] = mean_hi
                     coef[1, v, c] = scale
                     coef[2, v, c] = beta2[c, 0] - (mean[v, c] - np.float64(mean_hi)) * scale
