@@ -39,6 +39,7 @@ from numbers import Integral, Real
 import numpy as np
 
 from .kernels import _engine
+from .kernels import renorm as _renorm
 
 __all__ = [
     "Norm", "BatchNorm", "GhostBatchNorm", "BatchRenorm", "LayerNorm", "GroupNorm",
@@ -290,11 +291,11 @@ class _EngineNorm(Norm):
 
     centered = True
 
-    def _statistics(self, x4, B, training):
+    def _statistics(self, x4, B):
         V, G = x4.shape[0] // B, x4.shape[1]
         return np.empty((V, G)), np.empty((V, G)), np.empty(V)
 
-    def _mask2(self, mask, x, x4, mask_shape):
+    def _mask2(self, mask, x4, mask_shape):
         if mask is None:
             return _engine.NO_MASK, False
         return check_mask(mask, mask_shape, "x.shape without the channel axis").reshape(
@@ -441,7 +442,7 @@ class BatchNorm(_ChannelNorm):
 
     def _forward(self, x, training, mask, out):
         x4, B, mask_shape = self._view(x)
-        mask2, masked = self._mask2(mask, x, x4, mask_shape)
+        mask2, masked = self._mask2(mask, x4, mask_shape)
         C = self.num_features
         gamma2, beta2 = self._gamma.reshape(C, 1), self._beta.reshape(C, 1)
         if not self._uses_batch_stats(training):
@@ -451,21 +452,25 @@ class BatchNorm(_ChannelNorm):
             y = self._run_forward(x, x4, x4.shape[0], mask2, masked, out, mean, var, count,
                                   _engine.APPLY_ONLY, gamma2, beta2)
             return y, (x, x4, x4.shape[0], mean, var, count, mask2, masked, True), None
-        mean, var, count = self._statistics(x4, B, training)
+        mean, var, count = self._statistics(x4, B)
         if masked:                             # refuse before anything is written
             _engine.count_valid(mask2, True, B, 1, x4.shape[3], count)
             self._check_counts(count, masked)
-        y, commit = self._train_forward(x, x4, B, mask2, masked, out, mean, var, count, training,
-                                        gamma2, beta2)
-        return y, (x, x4, B, mean, var, count, mask2, masked, False), commit
+        y, commit, extra = self._train_forward(x, x4, B, mask2, masked, out, mean, var, count,
+                                               training, gamma2, beta2)
+        return y, (x, x4, B, mean, var, count, mask2, masked, False, *extra), commit
 
     def _train_forward(self, x, x4, B, mask2, masked, out, mean, var, count, training, gamma2,
                        beta2):
+        """y with the batch statistics, the state commit, and what backward needs beyond them."""
         y = self._run_forward(x, x4, B, mask2, masked, out, mean, var, count,
                               _engine.STATS_AND_APPLY, gamma2, beta2)
-        return y, self._commit(mean, var, count, training, pooled=False)
+        return y, self._commit(mean, var, count, training), ()
 
-    def _commit(self, mean, var, count, training, pooled):
+    #: Ghost batch norm: the running statistics take the mean over the virtual batches.
+    _pooled = False
+
+    def _commit(self, mean, var, count, training):
         if not (training and self.track_running_stats):
             return None
 
@@ -474,7 +479,8 @@ class BatchNorm(_ChannelNorm):
             _engine.running_update(state["running_mean"].reshape(1, -1),
                                    state["running_var"].reshape(1, -1),
                                    state["num_batches_tracked"].reshape(1), mean, var, count,
-                                   self.momentum, self.running_average == "cumulative", pooled)
+                                   self.momentum, self.running_average == "cumulative",
+                                   self._pooled)
         return commit
 
     def _backward(self, dy, saved, out):
@@ -503,6 +509,8 @@ class GhostBatchNorm(BatchNorm):
         super().__init__(num_features, **kwargs)
         self.virtual_batch_size = _check_positive_int("virtual_batch_size", virtual_batch_size)
 
+    _pooled = True
+
     def _rows_per_statistic(self, x, pre):
         return self.virtual_batch_size * (pre // x.shape[0])
 
@@ -524,12 +532,6 @@ class GhostBatchNorm(BatchNorm):
         if masked and np.any(count < 2):
             raise ValueError("Expected more than 1 valid value per channel in every virtual batch "
                              "when training")
-
-    def _train_forward(self, x, x4, B, mask2, masked, out, mean, var, count, training, gamma2,
-                       beta2):
-        y = self._run_forward(x, x4, B, mask2, masked, out, mean, var, count,
-                              _engine.STATS_AND_APPLY, gamma2, beta2)
-        return y, self._commit(mean, var, count, training, pooled=True)
 
     def _describe(self):
         return f"{super()._describe()}, virtual_batch_size={self.virtual_batch_size}"
@@ -577,32 +579,20 @@ class BatchRenorm(BatchNorm):
 
     def _train_forward(self, x, x4, B, mask2, masked, out, mean, var, count, training, gamma2,
                        beta2):
-        if not training:                       # never reached: renorm always tracks
-            return super()._train_forward(x, x4, B, mask2, masked, out, mean, var, count,
-                                          training, gamma2, beta2)
         _engine.run_forward(x4, B, gamma2, beta2, self.eps, True, mask2, masked, x4, mean, var,
-                        count, _engine.STATS_ONLY)
-        sigma = np.sqrt(self.state["running_var"].astype(np.float64) + self.eps)
-        r = np.clip(np.sqrt(var[0] + self.eps) / sigma, 1.0 / self.r_max, self.r_max)
-        d = np.clip((mean[0] - self.state["running_mean"]) / sigma, -self.d_max, self.d_max)
+                            count, _engine.STATS_ONLY)
+        r, d = _renorm.correction(mean[0], var[0], self.state["running_mean"],
+                                  self.state["running_var"], self.eps, self.r_max, self.d_max)
         gamma_r = (gamma2[:, 0] * r).astype(self.dtype).reshape(-1, 1)
         beta_d = (beta2[:, 0] + gamma2[:, 0] * d).astype(self.dtype).reshape(-1, 1)
         y = self._run_forward(x, x4, B, mask2, masked, out, mean, var, count, _engine.APPLY_ONLY,
                               gamma_r, beta_d)
-        update = self._commit(mean, var, count, training, pooled=False)
+        update = self._commit(mean, var, count, training)
 
         def commit():
             self.last_r, self.last_d = r, d
-            if update is not None:
-                update()
-        self._renorm = (r, d, gamma_r)
-        return y, commit
-
-    def _forward(self, x, training, mask, out):
-        y, saved, commit = super()._forward(x, training, mask, out)
-        if not saved[8]:
-            saved = saved + self._renorm
-        return y, saved, commit
+            update()
+        return y, commit, (r, d, gamma_r)
 
     def _backward(self, dy, saved, out):
         if saved[8]:                           # evaluation: batch norm's
@@ -636,7 +626,7 @@ class GroupNorm(_ChannelNorm):
         G = self.num_groups
         x4 = x.reshape(pre, G, C // G, post)   # (N * S_before, G, C/G, S_after)
         B = pre // x.shape[0]
-        mean, var, count = self._statistics(x4, B, training)
+        mean, var, count = self._statistics(x4, B)
         gamma2 = self._gamma.reshape(G, C // G)
         y = self._run_forward(x, x4, B, _engine.NO_MASK, False, out, mean, var, count,
                               _engine.STATS_AND_APPLY, gamma2, self._beta.reshape(G, C // G))
@@ -697,7 +687,7 @@ class _TrailingNorm(_EngineNorm):
     def _forward(self, x, training, mask, out):
         D = math.prod(self.normalized_shape)
         x4 = x.reshape(-1, 1, D, 1)            # (R, 1, D, 1)
-        mean, var, count = self._statistics(x4, 1, training)
+        mean, var, count = self._statistics(x4, 1)
         gamma, beta = self._gamma_beta()
         y = self._run_forward(x, x4, 1, _engine.NO_MASK, False, out, mean, var, count,
                               _engine.STATS_AND_APPLY, gamma.reshape(1, D), beta.reshape(1, D))

@@ -214,7 +214,7 @@ class RecurrentBatchNorm(_EngineNorm):
             y = self._run_forward(x, x4, B, mask2, masked, out, mean, var, count,
                                   _engine.APPLY_ONLY, gamma2, beta2)
             return y, (x, x4, B, mean, var, count, mask2, masked, True), None
-        mean, var, count = self._statistics(x4, B, training)
+        mean, var, count = self._statistics(x4, B)
         y = self._run_forward(x, x4, B, mask2, masked, out, mean, var, count,
                               _engine.STATS_AND_APPLY, gamma2, beta2)
 
