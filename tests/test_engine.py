@@ -8,6 +8,7 @@ import pytest
 import normkit
 from normkit import reference as ref
 from normkit.kernels import _engine, batch, group, layer, renorm
+from normkit.testing import check_norm, check_vjp
 
 from cases import TOL
 
@@ -300,3 +301,52 @@ def test_renorm_takes_a_read_only_input():
     y = normkit.make("renorm", 3).forward(x, training=True)
     expected = normkit.make("renorm", 3).forward(np.array(x), training=True)
     np.testing.assert_array_equal(y, expected)
+
+
+# -- gradients by finite differences (float64) --------------------------------------------------
+
+@pytest.mark.parametrize("name,kwargs", [("batch", {}), ("ghost", {"virtual_batch_size": 2}),
+                                         ("renorm", {"r_max": 1.5, "d_max": 0.5})])
+@pytest.mark.parametrize("axis", [1, -1])
+def test_masked_backward_matches_finite_differences(name, kwargs, axis):
+    """dx, dgamma and dbeta of a masked training forward, both layouts, against central
+    differences along random directions (the running statistics restored before each call).
+    Renorm's r and d carry no gradient by definition: the running statistics here are far
+    enough from the batch's that both sit at their clip bounds, where they are constants."""
+    x, mask = _padded(4, 3, 6, seed=9)
+    if axis == -1:
+        x = np.ascontiguousarray(np.moveaxis(x, 1, 2))     # (N, L, C)
+    norm = normkit.make(name, 3, axis=axis, dtype=F64, **kwargs)
+    norm.params["gamma"][...] = [0.7, 1.3, -0.9]
+    norm.params["beta"][...] = [0.1, -0.2, 0.3]
+    norm.forward(x * 0.5 + 1, training=True, mask=mask)      # non-trivial running statistics
+    if name == "renorm":                       # r and d at their clip bounds: constants
+        norm.state["running_mean"][...] = -50.0
+        norm.state["running_var"][...] = 0.01
+    state = {k: v.copy() for k, v in norm.state.items()}
+    dy = _rng(10).standard_normal(x.shape)
+    norm.forward(x, training=True, mask=mask)
+    dx = norm.backward(dy)
+    grads = {"x": dx, "gamma": norm.grads["gamma"].copy(), "beta": norm.grads["beta"].copy()}
+
+    def fun(x, gamma, beta):
+        norm.params["gamma"][...] = gamma
+        norm.params["beta"][...] = beta
+        for key, value in state.items():
+            norm.state[key][...] = value
+        return norm.forward(x, training=True, mask=mask)
+
+    inputs = {"x": x.copy(), "gamma": norm.params["gamma"].copy(),
+              "beta": norm.params["beta"].copy()}
+    check_vjp(fun, inputs, grads, dy, seed=1)
+
+
+@pytest.mark.parametrize("name,kwargs", AXIS_CASES)
+def test_channels_last_backward_matches_finite_differences(name, kwargs):
+    norm = normkit.make(name, 4, axis=-1, dtype=F64, **kwargs)
+    norm.params["gamma"][...] = np.linspace(0.5, 2, 4)
+    if name == "renorm":                       # r and d at their clip bounds: constants
+        norm.state["running_mean"][...] = -50.0
+        norm.state["running_var"][...] = 0.01
+    x = _rng(11).standard_normal((4, 3, 5, 4)) * 2 + 1
+    check_norm(norm, x)
