@@ -512,66 +512,44 @@ def test_normalization_names_come_from_the_registry():
     assert lstm.params["gamma_x"] is lstm.norms["x"].params["gamma"]
 
 
-# -- the fused kernel step ----------------------------------------------------------------------
+# -- odd masks: steps without valid rows, rows that stop and stay padded ----------------------
 
-def _kernel_inputs(dtype, T=7, N=6, H=5, seed=0):
-    """Random arguments of the fused kernels, with a mask holding steps of 6, 2 and 0 valid rows
-    (and one row valid at t = 0 only, so some rows carry their state through padding)."""
-    from normkit.kernels import recurrent as kernels
-    rng = np.random.default_rng(seed)
-    G = 4 * H
-    lengths = np.array([T, T, 5, 3, 1, 0])
-    mask = np.arange(T)[:, None] < lengths[None, :N]
+def _odd_mask(T, N):
+    """Steps of N, 2 and 0 valid rows, and one row valid at t = 0 only (it carries its state
+    through every later step)."""
+    lengths = np.array([T, T, 5, 3, 1, 0])[:N]
+    mask = np.arange(T)[:, None] < lengths[None, :]
     mask[:, 3] = False
-    mask[0, 3] = True                          # a row that is valid, padded, padded, ...
+    mask[0, 3] = True
     mask[T - 1] = False                        # a step without any valid row
-    arrays = dict(
-        xn=rng.standard_normal((T, N, G)), W_h=rng.standard_normal((H, G)) * 0.5,
-        b=rng.standard_normal(G) * 0.3, h0=rng.standard_normal((N, H)),
-        c0=rng.standard_normal((N, H)), gamma_h=rng.uniform(0.1, 0.6, G), beta_h=np.zeros(G),
-        gamma_c=rng.uniform(0.1, 0.6, H), beta_c=rng.standard_normal(H) * 0.3,
-        frozen_h=(rng.standard_normal((3, G)), rng.uniform(0.5, 2, (3, G))),
-        frozen_c=(rng.standard_normal((3, H)), rng.uniform(0.5, 2, (3, H))),
-        d_seq=rng.standard_normal((T, N, H)), d_last=rng.standard_normal((N, H)))
-    cast = {k: tuple(a.astype(dtype) for a in v) if isinstance(v, tuple) else v.astype(dtype)
-            for k, v in arrays.items()}
-    return kernels, mask, cast
-
-
-def _run_kernels(kernels, mask, a, kind, batch_stats, fused, last_only):
-    if kind == kernels.NORM_NONE:
-        a = {**a, **{k: a[k][:0] for k in ("gamma_h", "beta_h", "gamma_c", "beta_c")}}
-    saved = kernels.lstm_forward(a["xn"], a["W_h"], a["b"], a["h0"], a["c0"], mask, kind,
-                                 batch_stats, a["gamma_h"], a["beta_h"], a["gamma_c"],
-                                 a["beta_c"], a["frozen_h"], a["frozen_c"], 1e-5, fused)
-    d_seq = a["d_seq"][:0] if last_only else a["d_seq"]
-    grads = kernels.lstm_backward(d_seq, a["d_last"], a["W_h"], mask, kind, batch_stats,
-                                  a["gamma_h"], a["gamma_c"], 1e-5, *saved, fused)
-    h, c, r, gates, tanh_cn, stats = saved
-    names = ("dxn", "dW_h", "db", "dgamma_h", "dbeta_h", "dgamma_c", "dbeta_c", "dh0", "dc0")
-    return {"h": h, "c": c, "r": r, "gates": gates, "tanh_cn": tanh_cn,
-            **dict(zip(("mean_h", "var_h", "mean_c", "var_c"), stats)), **dict(zip(names, grads))}
+    return mask
 
 
 @pytest.mark.parametrize("last_only", [False, True], ids=["sequence", "last"])
-@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "frozen"])
-@pytest.mark.parametrize("kind", ["none", "recurrent_batch"])
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_fused_step_matches_the_per_norm_steps(dtype, kind, batch_stats, last_only):
-    """The fused three-pass step (the default for "none" and BN) against the per-norm steps that
-    LN uses, on every array the kernels return: to rounding in float64; in float32, where both
-    compute in float32 in different orders, to 1e-4 of each array's largest value (the rounding
-    differences grow through the steps of BPTT and through batch norm's backward on a step with
-    two valid rows; test_float32_agrees_with_float64 allows 1e-3 between float32 and float64)."""
-    kernels, mask, a = _kernel_inputs(dtype)
-    kind = {"none": kernels.NORM_NONE, "recurrent_batch": kernels.NORM_BATCH}[kind]
-    per_norm = _run_kernels(kernels, mask, a, kind, batch_stats, False, last_only)
-    fused = _run_kernels(kernels, mask, a, kind, batch_stats, True, last_only)
-    tol = 1e-12 if dtype == np.float64 else 1e-4
-    for key, expected in per_norm.items():
-        scale = max(np.abs(expected).max(initial=0.0), 1.0)
-        np.testing.assert_allclose(fused[key], expected, rtol=0, atol=tol * scale, err_msg=key)
-    assert np.abs(per_norm["gates"]).max() > 0 and np.abs(per_norm["dW_h"]).max() > 0
+@pytest.mark.parametrize("norm, training", [("none", True), ("layer", True),
+                                            ("recurrent_batch", False)])
+def test_odd_masks_match_torch(norm, training, last_only):
+    """Masks the layer's training checks would refuse for batch norm (a step with no valid row,
+    one with two) run through the kernels in evaluation mode, and through "none" and "layer" in
+    training: outputs and every gradient equal the torch oracle's. (BN in training on such
+    steps is refused before the kernels run: test_bad_input_raises_clearly_and_mutates_nothing.)"""
+    T, N = 7, 6
+    lstm = _lstm(norm, T=3, return_sequences=not last_only)
+    if norm == "recurrent_batch":              # non-trivial running statistics, 3 slots
+        rng = np.random.default_rng(5)
+        for key, value in lstm.state.items():
+            if key.startswith("running_mean"):
+                value[...] = rng.standard_normal(value.shape)
+            elif key.startswith("running_var"):
+                value[...] = rng.uniform(0.5, 2, value.shape)
+    oracle = TorchLSTM(lstm)
+    x, h0, c0 = _inputs(T, N)
+    mask = _odd_mask(T, N)
+    actual, expected = _run_both(lstm, oracle, x, mask, h0, c0, training,
+                                 np.random.default_rng(2))
+    for key, value in expected.items():
+        np.testing.assert_allclose(actual[key], value, **TOL64, err_msg=key)
+    assert np.abs(expected["W_h"]).max() > 0
 
 
 @pytest.mark.parametrize("norm", NORMS)
@@ -594,3 +572,38 @@ def test_results_do_not_share_the_kept_kernel_arrays(norm):
     assert not np.array_equal(lstm.grads["W_h"], grads1["W_h"])     # the second call did work
     # the same input again (training: batch statistics; parameters unchanged): the same output
     np.testing.assert_array_equal(lstm.forward(x1, True, h0=h0, c0=c0), out1)
+
+
+def test_kernel_checks_the_shapes_it_indexes():
+    """The LSTM kernels are importable on their own: mismatched arrays raise ValueError naming
+    what is wrong instead of reading or writing out of bounds."""
+    from normkit.nn import _lstm_kernels as kernels
+    lstm = _lstm("recurrent_batch", T=3)
+    T, N, H = 3, 2, 4
+    xn = np.zeros((T, N, 4 * H))
+    arrays = lstm._forward_arrays(T, N)
+    args = dict(xn=xn, W_h=lstm.params["W_h"], b=lstm.params["b"], h0=np.zeros((N, H)),
+                c0=np.zeros((N, H)), mask=np.ones((T, N), bool), kind=kernels.NORM_BATCH,
+                batch_stats=True, gamma_h=lstm.params["gamma_h"], beta_h=np.zeros(4 * H),
+                gamma_c=lstm.params["gamma_c"], beta_c=lstm.params["beta_c"],
+                frozen_h=lstm._frozen("h"), frozen_c=lstm._frozen("c"), eps=1e-5)
+    kernels.lstm_forward(*args.values(), *arrays)          # the right shapes run
+    for key, bad, words in [("b", np.zeros(3), "b must"), ("gamma_h", np.ones(5), "gamma_h"),
+                            ("beta_c", np.ones(H + 1), "beta_c"), ("mask", np.ones((T, 1), bool),
+                                                                   "mask"),
+                            ("h0", np.zeros((N + 1, H)), "h0")]:
+        with pytest.raises(ValueError, match=words):
+            kernels.lstm_forward(*{**args, key: bad}.values(), *arrays)
+    with pytest.raises(ValueError, match="statistics"):
+        kernels.lstm_forward(*args.values(), *arrays[:5],
+                             *lstm._forward_arrays(T + 1, N)[5:])
+    saved = lstm._forward_arrays(T, N)
+    kernels.lstm_forward(*args.values(), *saved)
+    d_last, dxn = np.zeros((N, H)), np.zeros((T, N, 4 * H))
+    backward = (np.zeros((0, N, H)), d_last, args["W_h"], args["mask"], kernels.NORM_BATCH, True,
+                args["gamma_h"], args["gamma_c"], 1e-5)
+    kernels.lstm_backward(*backward, *saved, dxn, dxn.copy())
+    with pytest.raises(ValueError, match="h and c"):
+        kernels.lstm_backward(*backward, saved[0][:T], *saved[1:], dxn, dxn.copy())
+    with pytest.raises(ValueError, match="dxn"):
+        kernels.lstm_backward(*backward, *saved, dxn[:1], dxn.copy())

@@ -190,7 +190,7 @@ def test_finite_differences(mask_kind, per_step):
 
 
 def test_mask_of_all_true_is_the_unmasked_computation():
-    """Two implementations (the _core view and the masked kernel) agree."""
+    """The engine's unmasked path and its masked (float64) path agree."""
     x = _sequence(7, 5, 4)
     dy = np.random.default_rng(2).standard_normal(x.shape)
     for per_step in (True, False):

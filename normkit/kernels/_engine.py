@@ -833,7 +833,7 @@ def _forward_loop(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, 
                            chunk_mean, chunk_m2, coef)
 
 
-_forward_serial, _forward_parallel = serial_and_parallel(_forward_loop)
+forward_serial, forward_parallel = serial_and_parallel(_forward_loop)
 
 
 @jit()
@@ -845,10 +845,10 @@ def forward(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, c
     only if ``masked``. Runs in parallel when x4 has PARALLEL_MIN_SIZE values or more.
     """
     if x4.size >= PARALLEL_MIN_SIZE:
-        _forward_parallel(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var,
+        forward_parallel(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var,
                           count, mode)
     else:
-        _forward_serial(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var,
+        forward_serial(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var,
                         count, mode)
 
 
@@ -912,7 +912,7 @@ def _backward_loop(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, 
                 dgamma2[g, k] += part_dy_dev[j, g, k]
 
 
-_backward_serial, _backward_parallel = serial_and_parallel(_backward_loop)
+backward_serial, backward_parallel = serial_and_parallel(_backward_loop)
 
 
 @jit()
@@ -922,22 +922,22 @@ def backward(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
     dgamma2, dbeta2 (overwritten). mean, var (V, G) and count (V,) as forward wrote them;
     ``frozen``: the statistics are constants (evaluation mode)."""
     if x4.size >= PARALLEL_MIN_SIZE:
-        _backward_parallel(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
+        backward_parallel(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
                            masked, dx4, dgamma2, dbeta2)
     else:
-        _backward_serial(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
+        backward_serial(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
                          masked, dx4, dgamma2, dbeta2)
 
 
 def run_forward(x4, *args):
     """:func:`forward` from Python, compiling only the twin this size takes (same arguments)."""
-    driver = _forward_parallel if x4.size >= PARALLEL_MIN_SIZE else _forward_serial
+    driver = forward_parallel if x4.size >= PARALLEL_MIN_SIZE else forward_serial
     driver(x4, *args)
 
 
 def run_backward(dy4, x4, *args):
     """:func:`backward` from Python, compiling only the twin this size takes (same arguments)."""
-    driver = _backward_parallel if x4.size >= PARALLEL_MIN_SIZE else _backward_serial
+    driver = backward_parallel if x4.size >= PARALLEL_MIN_SIZE else backward_serial
     driver(dy4, x4, *args)
 
 

@@ -6,9 +6,9 @@ threading and the floating-point policy are decided once:
 - ``cache=True``: a second process loads the machine code from ``__pycache__`` instead of
   compiling again. A kernel's machine code contains the kernels it calls (from other modules
   too), but Numba checks a cached function against its own source file only: it would keep
-  serving ``batch.py``'s cached code after ``_core.py`` changed. :func:`_drop_stale_caches`
+  serving ``batch.py``'s cached code after ``_engine.py`` changed. :func:`_drop_stale_caches`
   therefore deletes every normkit cache file whenever a module holding jitted code changed.
-  Jitted code lives only in ``normkit/kernels/`` and in modules named ``_kernels.py`` (a test
+  Jitted code lives only in ``normkit/kernels/`` and in modules named ``_*kernels.py`` (a test
   checks it), so editing the training engine or a study does not throw the compiled kernels away.
 - ``parallel``: only the drivers that split work over channels/rows (``prange``) ask for it;
   each channel/row is reduced by one thread in a fixed order, so results do not depend on the
@@ -122,7 +122,7 @@ def serial_and_parallel(loop):
 
 def _jitted_sources(package: pathlib.Path) -> list[pathlib.Path]:
     """The modules whose code can end up in a cached kernel (see the module docstring)."""
-    return sorted({*package.glob("kernels/*.py"), *package.rglob("_kernels.py")})
+    return sorted({*package.glob("kernels/*.py"), *package.rglob("_*kernels.py")})
 
 
 def _drop_stale_caches(package: pathlib.Path = pathlib.Path(__file__).resolve().parent.parent) -> None:

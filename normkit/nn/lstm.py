@@ -5,8 +5,9 @@
     dx = lstm.backward(d_out)                               # fills lstm.grads
     lstm.params, lstm.grads, lstm.state                     # dicts of arrays owned by the layer
 
-The whole sequence runs in two fused Numba kernels (``normkit.kernels.recurrent.lstm_forward``
-and ``lstm_backward``): no Python loop over time steps. With gates (f, i, o, g), row vectors and
+The whole sequence runs in two Numba kernels (``normkit.nn._lstm_kernels.lstm_forward`` and
+``lstm_backward``), the norms inside them on the statistics engine: no Python loop over time
+steps. With gates (f, i, o, g), row vectors and
 W_x (D, 4H), W_h (H, 4H)::
 
     (f, i, o, g) = Norm_h(h_{t-1} W_h) + Norm_x(x_t W_x) + b
@@ -32,9 +33,9 @@ import math
 
 import numpy as np
 
-from ..kernels import recurrent as _kernels
 from ..norms import _check_bool, _check_dtype, _check_eps, _check_positive_int, make
 from ..recurrent import check_mask, mask_from_lengths
+from . import _lstm_kernels as _kernels
 
 __all__ = ["LSTM"]
 
@@ -209,13 +210,13 @@ class LSTM:
         if c0 is None:
             c0 = np.zeros((N, H), self.dtype)
         batch_stats = training
-        saved = _kernels.lstm_forward(xn, self.params["W_h"], self.params["b"], h0, c0, full_mask,
-                                      self._kind, batch_stats, *self._site_arrays("h"),
-                                      *self._site_arrays("c"), self._frozen("h"),
-                                      self._frozen("c"), self.eps,
-                                      work=self._workspace(T, N)[0])
+        saved = self._workspace(T, N)[0]
+        _kernels.lstm_forward(xn, self.params["W_h"], self.params["b"], h0, c0, full_mask,
+                              self._kind, batch_stats, *self._site_arrays("h"),
+                              *self._site_arrays("c"), self._frozen("h"), self._frozen("c"),
+                              self.eps, *saved)
         if training and self.norm == "recurrent_batch":
-            self._update_recurrent_stats(saved[5], full_mask)
+            self._update_recurrent_stats(saved[5:])
         self._saved = (x, full_mask, batch_stats, saved)
         h = saved[0]
         if not self.return_sequences:
@@ -227,17 +228,27 @@ class LSTM:
 
     def _workspace(self, T, N):
         """The kernels' arrays for sequences (T, N), kept from call to call (allocated anew only
-        when T or N changes): (h, c, r, gates, tanh_cn) forward, (dxn, dr) backward. The layer
-        returns copies, never these."""
+        when T or N changes): forward (h, c, r, gates, tanh_cn, stats_h, stats_c) as
+        :func:`_forward_arrays`, backward (dxn, dr). The layer returns copies, never these."""
         if self._work is None or self._work[0] != (T, N):
-            H, G, dtype = self.hidden_size, 4 * self.hidden_size, self.dtype
-            forward = (np.empty((T + 1, N, H), dtype), np.empty((T + 1, N, H), dtype),
-                       np.empty((T, N, G), dtype), np.empty((T, N, G), dtype),
-                       np.empty((T, N, H), dtype))
-            backward = (np.empty((T, N, G), dtype),
-                        np.empty((T, N, G) if self.norm != "none" else (0, 0, 0), dtype))
-            self._work = ((T, N), forward, backward)
+            G = 4 * self.hidden_size
+            dxn = np.empty((T, N, G), self.dtype)
+            dr = np.empty((T, N, G), self.dtype) if self.norm != "none" else dxn
+            self._work = ((T, N), self._forward_arrays(T, N), (dxn, dr))
         return self._work[1:]
+
+    def _forward_arrays(self, T, N):
+        """Fresh arrays for :func:`_kernels.lstm_forward` to write: h, c (T+1, N, H), r, gates
+        (T, N, 4H), tanh_cn (T, N, H), and the statistics (mean, var (T, V, G), count (T, V))
+        float64 of the recurrent term's and the cell's norm views."""
+        H, G, dtype = self.hidden_size, 4 * self.hidden_size, self.dtype
+        stats = []
+        for F in (G, H):
+            V, S = _kernels.statistics_shape(self._kind, N, F)
+            stats.append((np.zeros((T, V, S)), np.zeros((T, V, S)), np.zeros((T, V))))
+        return (np.empty((T + 1, N, H), dtype), np.empty((T + 1, N, H), dtype),
+                np.empty((T, N, G), dtype), np.empty((T, N, G), dtype),
+                np.empty((T, N, H), dtype), *stats)
 
     def _input_norm_forward(self, xw, training, mask):
         if self.norm == "recurrent_batch":
@@ -261,12 +272,14 @@ class LSTM:
         empty = np.zeros((1, 1), self.dtype)
         return empty, empty
 
-    def _update_recurrent_stats(self, stats, mask):
-        mean_h, var_h, mean_c, var_c = stats
-        count = mask.sum(axis=1).astype(np.int64)           # (T,) valid rows per step
-        for site, mean, var in (("h", mean_h, var_h), ("c", mean_c, var_c)):
+    def _update_recurrent_stats(self, stats):
+        """Running statistics of the h and c sites from the batch statistics of each step
+        (stats_h, stats_c as the kernel wrote them: (T, 1, F) means and variances, (T, 1)
+        counts of valid rows)."""
+        for site, (mean, var, count) in zip(("h", "c"), stats):
             site_norm = self.norms[site]
-            for key, value in site_norm.running_update(mean, var, count).items():
+            for key, value in site_norm.running_update(mean[:, 0], var[:, 0],
+                                                       count[:, 0]).items():
                 site_norm.state[key][...] = value
 
     # -- backward -----------------------------------------------------------------------------
@@ -285,10 +298,10 @@ class LSTM:
             d_seq = np.zeros((0, N, H), self.dtype)
         gamma_h = self._site_arrays("h")[0]
         gamma_c = self._site_arrays("c")[0]
-        (dxn, dW_h, db, dgamma_h, dbeta_h, dgamma_c, dbeta_c, dh0,
+        dxn, dr = self._workspace(T, N)[1]
+        (dW_h, db, dgamma_h, dbeta_h, dgamma_c, dbeta_c, dh0,
          dc0) = _kernels.lstm_backward(d_seq, d_last, self.params["W_h"], mask, self._kind,
-                                       batch_stats, gamma_h, gamma_c, self.eps, *saved,
-                                       work=self._workspace(T, N)[1])
+                                       batch_stats, gamma_h, gamma_c, self.eps, *saved, dxn, dr)
         dxw = self.norms["x"].backward(dxn) if self.norms else dxn
         dxw2 = dxw.reshape(T * N, 4 * H)
         self.grads["W_x"][...] = x.reshape(T * N, D).T @ dxw2
@@ -341,7 +354,7 @@ class LSTM:
             dh[T] = d_last
             for t in range(T):
                 saved = self._run(xn[t:], h[t], c[t], mask[t:])
-                dh[t] = self._backward_kernel(d_last, mask[t:], saved)[7]
+                dh[t] = self._backward_kernel(d_last, mask[t:], saved)[6]
         finally:
             for site, (max_steps, state) in saved_state.items():
                 site_norm = self.norms[site]
@@ -356,19 +369,26 @@ class LSTM:
         return dh
 
     def _run(self, xn, h0, c0, mask):
-        """The fused forward with batch statistics from (h0, c0); no state update."""
-        return _kernels.lstm_forward(np.ascontiguousarray(xn), self.params["W_h"], self.params["b"],
-                                     np.ascontiguousarray(h0), np.ascontiguousarray(c0),
-                                     np.ascontiguousarray(mask), self._kind, True,
-                                     *self._site_arrays("h"), *self._site_arrays("c"),
-                                     self._frozen("h"), self._frozen("c"), self.eps)
+        """The forward with batch statistics from (h0, c0) into fresh arrays; no state update.
+        Returns the arrays the kernel wrote (:meth:`_forward_arrays`)."""
+        T, N = mask.shape
+        saved = self._forward_arrays(T, N)
+        _kernels.lstm_forward(np.ascontiguousarray(xn), self.params["W_h"], self.params["b"],
+                              np.ascontiguousarray(h0), np.ascontiguousarray(c0),
+                              np.ascontiguousarray(mask), self._kind, True,
+                              *self._site_arrays("h"), *self._site_arrays("c"),
+                              self._frozen("h"), self._frozen("c"), self.eps, *saved)
+        return saved
 
     def _backward_kernel(self, d_last, mask, saved):
         N, H = d_last.shape
+        T = mask.shape[0]
+        dxn = np.empty((T, N, 4 * H), self.dtype)
+        dr = np.empty_like(dxn) if self.norm != "none" else dxn
         return _kernels.lstm_backward(np.zeros((0, N, H), self.dtype), d_last, self.params["W_h"],
                                       np.ascontiguousarray(mask), self._kind, True,
                                       self._site_arrays("h")[0], self._site_arrays("c")[0],
-                                      self.eps, *saved)
+                                      self.eps, *saved, dxn, dr)
 
     def __repr__(self) -> str:
         return (f"LSTM({self.input_size}, {self.hidden_size}, norm={self.norm!r}, "
