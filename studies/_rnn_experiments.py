@@ -1,6 +1,6 @@
 """The runs of the RNN study: data, the sequence models and one function per experiment.
 
-Every model is one normkit.nn.LSTM layer (its last state) and a Dense head, trained with
+Every trained model is one normkit.nn.LSTM layer (its last state) and a Dense head, trained with
 normkit.train.fit (RMSProp lr 1e-3, gradient norm clipped to 1 inside the optimizer). Inputs are
 batch-major (N, T, D); the wrapper makes them time-major for the LSTM. A NaN in x marks a padded
 position: the wrapper turns it into the LSTM's mask (or, with ``use_mask=False``, into a 0 that
@@ -13,10 +13,16 @@ import math
 import numpy as np
 
 from normkit import data as datasets
+from normkit.kernels import batch as batch_kernels
 from normkit.nn import LSTM, Dense, RMSProp, SoftmaxCrossEntropy
+from normkit.nn.lstm import _orthogonal
 from normkit.train import evaluate, fit
 
-MODELS = {"lstm": "none", "bn_lstm": "recurrent_batch", "ln_lstm": "layer"}
+#: LSTM models: (normkit.nn.LSTM's norm, whether the input term is normalized too).
+MODELS = {"lstm": ("none", True), "bn_lstm": ("recurrent_batch", True),
+          "ln_lstm": ("layer", True), "ln_lstm_no_x": ("layer", False)}
+#: The batch-normalized tanh RNN of Cooijmans et al.'s Fig. 1a (gradient flow only).
+TANH_RNN = "bn_tanh_rnn"
 #: The length of each classification task's sequences.
 TASK_STEPS = {"sequential": 64, "permuted": 64, "mnist1d": 40}
 PERMUTATION_SEED = 1234             # one fixed permutation of the 64 pixels for every run
@@ -119,14 +125,67 @@ class SequenceModel:
 def build_model(model: str, *, inputs: int, outputs: int, hidden: int, max_steps: int,
                 gamma: float, per_step: bool, seed: int, use_mask: bool = True) -> SequenceModel:
     """The paper's setup: identity W_h, orthogonal W_x, forget bias 1, h0 noise 0.1 in training;
-    ``gamma`` for BN-LSTM (LN-LSTM's gains start at 1, as Ba et al.)."""
-    norm = MODELS[model]
+    ``gamma`` for BN-LSTM (LN-LSTM's gains start at 1, as Ba et al.); ``ln_lstm_no_x`` is the
+    LN-LSTM without layer norm on the input term."""
+    norm, input_norm = MODELS[model]
     lstm = LSTM(inputs, hidden, norm=norm, max_steps=max_steps, per_step=per_step,
                 gamma_init=gamma if norm == "recurrent_batch" else None,
                 recurrent_init="identity", h0_noise_std=H0_NOISE, return_sequences=False,
-                seed=seed)
+                input_norm=input_norm, seed=seed)
     head = Dense(hidden, outputs, rng=np.random.default_rng(seed + 10_000), init="glorot_uniform")
     return SequenceModel(lstm, head, use_mask=use_mask)
+
+
+class BNTanhRNN:
+    """The batch-normalized tanh RNN of Cooijmans et al. (2017), Sec. 4 and Fig. 1a::
+
+        h_t = tanh(BN(h_{t-1} W_h; gamma_h) + BN(x_t W_x; gamma_x) + b)
+
+    each BN with the step's own batch statistics (training mode) and no shift of its own (b is
+    the shift), gamma_h = gamma_x = ``gamma``; identity W_h and orthogonal W_x as the BN-LSTM
+    here, float64. Only what the gradient-flow experiment needs: the forward in training mode
+    and dLoss/dh_t for every t."""
+
+    def __init__(self, inputs: int, hidden: int, gamma: float, seed: int, eps: float = 1e-5):
+        rng = np.random.default_rng(seed)
+        self.W_x = np.ascontiguousarray(_orthogonal(rng, inputs, hidden))     # (D, H)
+        self.W_h = np.eye(hidden)                                             # (H, H)
+        self.b = np.zeros(hidden)
+        self.gamma_x = np.full(hidden, float(gamma))
+        self.gamma_h = np.full(hidden, float(gamma))
+        self.eps = eps
+        self.hidden = hidden
+
+    def forward(self, x: np.ndarray, h0: np.ndarray):
+        """x (T, N, D), h0 (N, H) -> h (T+1, N, H) (h[0] = h0) and what the backward needs."""
+        T, N, _ = x.shape
+        zero = np.zeros(self.hidden)
+        h = np.empty((T + 1, N, self.hidden))
+        h[0] = h0
+        steps = []
+        for t in range(T):
+            xn = batch_kernels.forward_train(np.ascontiguousarray(x[t] @ self.W_x),
+                                             self.gamma_x, zero, self.eps)[0]
+            r = np.ascontiguousarray(h[t] @ self.W_h)
+            rn, mean, var = batch_kernels.forward_train(r, self.gamma_h, zero, self.eps)
+            h[t + 1] = np.tanh(rn + xn + self.b)
+            steps.append((r, mean, var))
+        return h, steps
+
+    def hidden_gradients(self, x: np.ndarray, d_last: np.ndarray, *, h0: np.ndarray):
+        """dLoss/dh_t (T+1, N, H) for a loss of the last state with dLoss/dh_T = ``d_last``:
+        backpropagation through time, through each step's batch statistics (row t + 1: the
+        gradient reaching the output of step t; row 0: dLoss/dh0)."""
+        h, steps = self.forward(x.astype(np.float64), h0.astype(np.float64))
+        T = x.shape[0]
+        dh = np.empty_like(h)
+        dh[T] = d_last
+        for t in range(T - 1, -1, -1):
+            r, mean, var = steps[t]
+            da = dh[t + 1] * (1 - h[t + 1] ** 2)
+            dr = batch_kernels.backward(da, r, self.gamma_h, mean, var, self.eps)[0]
+            dh[t] = dr @ self.W_h.T
+        return dh
 
 
 class MeanSquaredError:
@@ -178,20 +237,30 @@ def run_classify(config) -> dict[str, float]:
 
 def run_gradient(config) -> dict[str, float]:
     """Experiment 2: ||dLoss/dh_t|| (Frobenius over the batch) at initialization, training
-    mode, on one batch of the task; t = 0 .. T-1 are the outputs of the steps."""
+    mode, on one batch of the task; t = 0 .. T-1 are the outputs of the steps. The model is
+    the batch-normalized tanh RNN (``bn_tanh_rnn``, the paper's Fig. 1a) or an LSTM."""
     x_train, y_train, _, _ = load_task(config.task)
     rows = np.random.default_rng(config.seed).choice(len(x_train), GRADIENT_BATCH, replace=False)
-    model = build_model(config.model, inputs=1, outputs=10, hidden=config.hidden,
-                        max_steps=TASK_STEPS[config.task], gamma=config.gamma,
-                        per_step=True, seed=config.seed)
-    xt, _ = model.time_major(x_train[rows])
-    criterion = SoftmaxCrossEntropy()
     h0 = (np.random.default_rng(config.seed + 1).standard_normal((GRADIENT_BATCH, config.hidden))
           * H0_NOISE).astype(np.float32)
-    last = model.lstm.forward(xt, True, h0=h0)
-    criterion.forward(model.head.forward(last, True), y_train[rows])
-    d_last = model.head.backward(criterion.backward())
-    dh = model.lstm.hidden_gradients(xt, np.ascontiguousarray(d_last), h0=h0)   # (T+1, N, H)
+    criterion = SoftmaxCrossEntropy()
+    if config.model == TANH_RNN:
+        rnn = BNTanhRNN(1, config.hidden, config.gamma, config.seed)
+        head = Dense(config.hidden, 10, rng=np.random.default_rng(config.seed + 10_000),
+                     init="glorot_uniform", dtype=np.float64)
+        xt = np.ascontiguousarray(np.swapaxes(x_train[rows], 0, 1)).astype(np.float64)
+        last = rnn.forward(xt, h0)[0][-1]
+        criterion.forward(head.forward(np.ascontiguousarray(last), True), y_train[rows])
+        dh = rnn.hidden_gradients(xt, head.backward(criterion.backward()), h0=h0)
+    else:
+        model = build_model(config.model, inputs=1, outputs=10, hidden=config.hidden,
+                            max_steps=TASK_STEPS[config.task], gamma=config.gamma,
+                            per_step=True, seed=config.seed)
+        xt, _ = model.time_major(x_train[rows])
+        last = model.lstm.forward(xt, True, h0=h0)
+        criterion.forward(model.head.forward(last, True), y_train[rows])
+        d_last = model.head.backward(criterion.backward())
+        dh = model.lstm.hidden_gradients(xt, np.ascontiguousarray(d_last), h0=h0)  # (T+1, N, H)
     norms = np.sqrt((dh[1:].astype(np.float64) ** 2).sum(axis=(1, 2)))        # (T,)
     metrics = {f"grad_t{t:02d}": float(v) for t, v in enumerate(norms)}
     metrics["grad_ratio"] = float(norms[0] / norms[-1])

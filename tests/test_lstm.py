@@ -96,7 +96,9 @@ class TorchLSTM:
         mask = torch.ones(T, N, dtype=torch.bool) if mask is None else torch.as_tensor(mask)
         x = torch.where(mask[:, :, None], x, torch.zeros_like(x))
         xw = x @ p["W_x"]                               # (T, N, 4H)
-        if kind == "recurrent_batch" and not (training and not lstm.norms["x"].per_step):
+        if "x" not in lstm.norms:                       # "none", or input_norm=False
+            xn = xw
+        elif kind == "recurrent_batch" and not (training and not lstm.norms["x"].per_step):
             xn = torch.stack([self._batch_norm_step("x", t, xw[t], mask[t], p["gamma_x"], None,
                                                     training) for t in range(T)])
         elif kind == "recurrent_batch":                 # pooled over all steps in training
@@ -607,3 +609,24 @@ def test_kernel_checks_the_shapes_it_indexes():
         kernels.lstm_backward(*backward, saved[0][:T], *saved[1:], dxn, dxn.copy())
     with pytest.raises(ValueError, match="dxn"):
         kernels.lstm_backward(*backward, *saved, dxn[:1], dxn.copy())
+
+
+@pytest.mark.parametrize("norm", ["recurrent_batch", "layer"])
+def test_without_input_norm_matches_torch(norm):
+    """input_norm=False: Norm_x is the identity (no gamma_x, beta_x), the rest unchanged."""
+    T, N = 6, 5
+    lstm = _lstm(norm, T=T, input_norm=False)
+    assert not any(key.endswith("_x") and key != "W_x" for key in lstm.params)
+    assert "x" not in lstm.norms and "input_norm=False" in repr(lstm)
+    oracle = TorchLSTM(lstm)
+    x, h0, c0 = _inputs(T, N)
+    for training in (True, False):
+        actual, expected = _run_both(lstm, oracle, x, _mask(T, N), h0, c0, training,
+                                     np.random.default_rng(3))
+        for key, value in expected.items():
+            np.testing.assert_allclose(actual[key], value, **TOL64, err_msg=key)
+    with_norm = _lstm(norm, T=T)                # the same parameters, plus Norm_x
+    for key, value in lstm.params.items():
+        with_norm.params[key][...] = value
+    assert not np.allclose(with_norm.forward(x, False, h0=h0, c0=c0),
+                           lstm.forward(x, False, h0=h0, c0=c0))

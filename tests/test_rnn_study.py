@@ -86,6 +86,45 @@ def test_hidden_gradients_match_torch_autograd(norm):
     assert np.abs(expected[0]).max() > 1e-3              # a gradient that reaches the start
 
 
+def _torch_tanh_rnn_gradients(rnn, x, h0, d_last):
+    """dL/dh_t of the batch-normalized tanh RNN by autograd (F.batch_norm in training mode)."""
+    p = {k: torch.tensor(getattr(rnn, k)) for k in ("W_x", "W_h", "b", "gamma_x", "gamma_h")}
+    x = torch.tensor(x)
+    h = torch.tensor(h0, requires_grad=True)
+    states = [h]
+    for t in range(x.shape[0]):
+        a = (F.batch_norm(h @ p["W_h"], None, None, p["gamma_h"], None, True, 0.0, rnn.eps)
+             + F.batch_norm(x[t] @ p["W_x"], None, None, p["gamma_x"], None, True, 0.0, rnn.eps)
+             + p["b"])
+        h = torch.tanh(a)
+        h.retain_grad()
+        states.append(h)
+    (h * torch.tensor(d_last)).sum().backward()
+    return np.stack([s.grad.numpy() for s in states])
+
+
+@pytest.mark.parametrize("gamma", [0.1, 1.0])
+def test_tanh_rnn_hidden_gradients_match_torch_and_finite_differences(gamma):
+    """The gradient-flow model of Cooijmans et al.'s Fig. 1a: BPTT through each step's batch
+    statistics, against autograd and (dL/dh0) central differences."""
+    rnn = experiments.BNTanhRNN(2, 3, gamma, seed=0)
+    rng = np.random.default_rng(4)
+    rnn.W_h = rng.standard_normal((3, 3)) * 0.8          # not the identity: every path counts
+    rnn.b = rng.standard_normal(3) * 0.3
+    x, h0, _, d_last = _inputs()
+    expected = _torch_tanh_rnn_gradients(rnn, x, h0, d_last)
+    actual = rnn.hidden_gradients(x, d_last, h0=h0)
+    assert actual.shape == (7, 5, 3)
+    np.testing.assert_allclose(actual, expected, rtol=1e-9, atol=1e-12)
+    assert np.abs(expected[0]).max() > 1e-4
+    check_vjp(lambda h0: rnn.forward(x, h0)[0][-1], {"h0": h0}, {"h0": actual[0]}, d_last)
+
+
+def test_tanh_rnn_is_only_a_gradient_flow_model():
+    with pytest.raises(ValueError, match="gradient"):
+        STUDY.config(model="bn_tanh_rnn", experiment="classify", seed=0)
+
+
 @pytest.mark.parametrize("norm", NORMS)
 def test_hidden_gradient_at_t0_matches_finite_differences_and_backward(norm):
     lstm = _lstm(norm)
@@ -223,14 +262,15 @@ def test_grids_cover_every_experiment():
 
 TINY = dict(hidden=[4], epochs=[2], train_size=[128], seed=[0, 1])
 TINY_GRID = [
-    dict(experiment=["classify"], task=["sequential", "permuted"], model=["lstm", "ln_lstm"],
-         **TINY),
+    dict(experiment=["classify"], task=["sequential", "permuted"],
+         model=["lstm", "ln_lstm", "ln_lstm_no_x"], **TINY),
     dict(experiment=["classify"], task=["sequential", "permuted"], model=["bn_lstm"],
          gamma=[0.1, 1.0], **TINY),
     dict(experiment=["classify"], task=["permuted"], model=["bn_lstm"], per_step=[False], **TINY),
     dict(experiment=["classify"], task=["permuted"], model=["lstm", "bn_lstm", "ln_lstm"],
          batch_size=[4], **TINY),
-    dict(experiment=["gradient"], model=["bn_lstm"], gamma=[0.1, 1.0], hidden=[4], seed=[0, 1]),
+    dict(experiment=["gradient"], model=["bn_tanh_rnn", "bn_lstm"], gamma=[0.1, 1.0], hidden=[4],
+         seed=[0, 1]),
     dict(experiment=["adding"], model=["lstm", "bn_lstm", "ln_lstm"], hidden=[4], epochs=[1],
          train_size=[128], seed=[0, 1]),
     dict(experiment=["padding"], model=["bn_lstm"], use_mask=[True, False], **TINY),
@@ -276,7 +316,7 @@ def test_smoke_run_writes_tables_figures_and_the_readme(tiny_run):
     readme = (directory / "README.md").read_text()
     assert "## Verdicts" in readme and "published, MNIST 784 steps" in readme
     for claim in ("converges faster", "permuted task", "vanish", "Sharing statistics",
-                  "beyond the training length"):
+                  "beyond the training length", "batch-normalized tanh RNN", "rank-one input"):
         assert claim in readme
     csvs = sorted(p.name for p in directory.glob("table*.csv"))
     assert len(csvs) >= 8, csvs
@@ -286,7 +326,8 @@ def test_smoke_run_main_table_has_models_by_tasks_and_the_published_rows(tiny_ru
     _, directory, _, _ = tiny_run
     tables = report.tables(pd.read_csv(directory / "runs.csv"))
     main = next(t for title, t in tables.items() if title.startswith("1.") and "test accuracy" in title)
-    assert list(main["model"][:4]) == ["LSTM", "BN-LSTM γ=0.1", "BN-LSTM γ=1.0", "LN-LSTM"]
+    assert list(main["model"][:5]) == ["LSTM", "BN-LSTM γ=0.1", "BN-LSTM γ=1.0", "LN-LSTM",
+                                       "LN-LSTM, no input LN"]
     assert set(main.columns) == {"model", "sequential digits (64 steps)",
                                  "permuted digits (64 steps)"}
     published = main[main["model"].str.contains("published")]

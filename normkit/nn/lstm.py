@@ -69,13 +69,16 @@ class LSTM:
     ``recurrent_init`` "identity" or "orthogonal" for W_h (W_x is orthogonal per gate),
     ``h0_noise_std``: in training without an explicit h0, h0 ~ N(0, std^2) (the paper used 0.1
     for BN-LSTM on sequential MNIST; 0 gives h0 = 0), ``return_sequences``: output all hidden
-    states (T, N, H) or only the last (N, H).
+    states (T, N, H) or only the last (N, H). ``input_norm=False`` leaves the input term
+    x_t W_x unnormalized (no ``gamma_x``/``beta_x``; Norm_x is the identity), e.g. an LN-LSTM
+    whose layer norm acts on the recurrence only: with one input value per step, x_t W_x is
+    rank one and its layer norm keeps only the sign of x_t.
     """
 
     def __init__(self, input_size, hidden_size, *, norm="none", max_steps=None, per_step=True,
                  grow=False, eps=1e-5, momentum=0.1, gamma_init=None, forget_bias=1.0,
-                 recurrent_init="identity", h0_noise_std=0.0, return_sequences=True, seed=0,
-                 dtype=np.float32):
+                 recurrent_init="identity", h0_noise_std=0.0, return_sequences=True,
+                 input_norm=True, seed=0, dtype=np.float32):
         if norm not in _KINDS:
             raise ValueError(f"norm must be one of {sorted(_KINDS)} (names from normkit.make), "
                              f"got {norm!r}")
@@ -87,6 +90,7 @@ class LSTM:
         self.dtype = _check_dtype(dtype)
         self.eps = _check_eps(eps)
         self.return_sequences = _check_bool("return_sequences", return_sequences)
+        self.input_norm = _check_bool("input_norm", input_norm)
         self.h0_noise_std = _check_nonnegative("h0_noise_std", h0_noise_std)
         forget_bias = _check_finite("forget_bias", forget_bias)
         if gamma_init is None:
@@ -120,6 +124,8 @@ class LSTM:
             self.norms = {"x": make(norm, 4 * H, eps=eps, dtype=self.dtype),
                           "h": make(norm, 4 * H, eps=eps, dtype=self.dtype),
                           "c": make(norm, H, eps=eps, dtype=self.dtype)}
+        if not self.input_norm:
+            self.norms.pop("x", None)
         for site, site_norm in self.norms.items():
             site_norm.params["gamma"][...] = gamma_init
             for key in site_norm.params:
@@ -189,7 +195,8 @@ class LSTM:
             c0 = self._check_array("c0", c0, (N, H))
         if training and self.norm == "recurrent_batch":
             valid = np.full(T, N) if mask is None else mask.sum(axis=1)
-            self.norms["x"].check_training(T, valid)
+            if self.input_norm:
+                self.norms["x"].check_training(T, valid)
             for site in ("h", "c"):
                 self.norms[site].check_training(T, valid, statistics_per_step=True)
         self._check_params()
@@ -251,11 +258,11 @@ class LSTM:
                 np.empty((T, N, H), dtype), *stats)
 
     def _input_norm_forward(self, xw, training, mask):
+        if "x" not in self.norms:                   # "none", or input_norm=False
+            return xw
         if self.norm == "recurrent_batch":
             return self.norms["x"].forward(xw, training, mask=mask)
-        if self.norm == "layer":
-            return self.norms["x"].forward(xw, training)
-        return xw
+        return self.norms["x"].forward(xw, training)
 
     def _site_arrays(self, site):
         """(gamma, beta) of the h or c site as the kernel takes them."""
@@ -302,7 +309,7 @@ class LSTM:
         (dW_h, db, dgamma_h, dbeta_h, dgamma_c, dbeta_c, dh0,
          dc0) = _kernels.lstm_backward(d_seq, d_last, self.params["W_h"], mask, self._kind,
                                        batch_stats, gamma_h, gamma_c, self.eps, *saved, dxn, dr)
-        dxw = self.norms["x"].backward(dxn) if self.norms else dxn
+        dxw = self.norms["x"].backward(dxn) if "x" in self.norms else dxn
         dxw2 = dxw.reshape(T * N, 4 * H)
         self.grads["W_x"][...] = x.reshape(T * N, D).T @ dxw2
         self.grads["W_h"][...] = dW_h
@@ -336,8 +343,8 @@ class LSTM:
         h0 = np.zeros((N, H), self.dtype) if h0 is None else self._check_array("h0", h0, (N, H))
         c0 = np.zeros((N, H), self.dtype) if c0 is None else self._check_array("c0", c0, (N, H))
         if self.norm == "recurrent_batch":
-            for site in ("x", "h", "c"):
-                self.norms[site].check_training(T, np.full(T, N), statistics_per_step=True)
+            for site_norm in self.norms.values():
+                site_norm.check_training(T, np.full(T, N), statistics_per_step=True)
         self._check_params()
         # -- nothing below refuses the call --
         if self.h0_noise_std > 0 and not h0.any():
@@ -391,7 +398,8 @@ class LSTM:
                                       self.eps, *saved, dxn, dr)
 
     def __repr__(self) -> str:
-        return (f"LSTM({self.input_size}, {self.hidden_size}, norm={self.norm!r}, "
+        extra = "" if self.input_norm else ", input_norm=False"
+        return (f"LSTM({self.input_size}, {self.hidden_size}, norm={self.norm!r}{extra}, "
                 f"return_sequences={self.return_sequences}, dtype={self.dtype.name})")
 
 
