@@ -284,11 +284,11 @@ def test_backward_after_eval_forward_uses_frozen_statistics():
 @pytest.mark.parametrize("name,shape,kwargs", [
     ("batch", (16, 8, 40, 20), {}), ("layer", (64, 1024), {}),
     ("group", (8, 16, 40, 20), {"num_groups": 4}), ("ghost", (16, 8, 40, 20), {"virtual_batch_size": 4})])
-def test_large_inputs_repeat_exactly(name, shape, kwargs):
+def test_large_inputs_repeat_exactly(name, shape, kwargs, monkeypatch):
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32) * 2 + 1
     dy = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     num = shape[-1] if name == "layer" else shape[1]
-    assert x.size >= _engine.PARALLEL_MIN_SIZE    # the parallel path
+    monkeypatch.setattr(_engine, "PARALLEL_MIN_SIZE", 1)     # the threaded path
 
     def run():
         norm = normkit.make(name, num, **kwargs)
@@ -305,8 +305,10 @@ def test_large_inputs_repeat_exactly(name, shape, kwargs):
                                     ((8, 4, 4, 800), 1), ((1024, 100, 1, 1), 1024),
                                     ((1024, 100, 1, 1), 256)])
 @pytest.mark.parametrize("frozen", [False, True])
-def test_one_thread_and_two_threads_agree_bit_for_bit(view, B, frozen):
-    """Each group is reduced by one thread in a fixed order, whatever the number of threads."""
+def test_one_thread_and_two_threads_agree_bit_for_bit(view, B, frozen, monkeypatch):
+    """Each group is reduced by one thread in a fixed order, whatever the number of threads
+    (run_forward/run_backward split the items of a large input over threads; the jitted
+    forward/backward run serially: the same items in the same order)."""
     rng = np.random.default_rng(0)
     x4 = rng.standard_normal(view).astype(np.float32) + 3
     dy4 = rng.standard_normal(view).astype(np.float32)
@@ -314,7 +316,7 @@ def test_one_thread_and_two_threads_agree_bit_for_bit(view, B, frozen):
     V = view[0] // B
     gamma2 = rng.standard_normal((G, Cg)).astype(np.float32)
     beta2 = rng.standard_normal((G, Cg)).astype(np.float32)
-    assert x4.size >= _engine.PARALLEL_MIN_SIZE
+    monkeypatch.setattr(_engine, "PARALLEL_MIN_SIZE", 1)     # the threaded path
     outputs = []
     threads = numba.get_num_threads()
     try:
@@ -323,15 +325,20 @@ def test_one_thread_and_two_threads_agree_bit_for_bit(view, B, frozen):
             y4, dx4 = np.empty_like(x4), np.empty_like(x4)
             mean, var, count = np.empty((V, G)), np.empty((V, G)), np.empty(V)
             dgamma, dbeta = np.empty((G, Cg)), np.empty((G, Cg))
-            _engine.forward(x4, B, gamma2, beta2, 1e-5, True, _engine.NO_MASK, False, y4, mean,
-                            var, count, _engine.STATS_AND_APPLY)
-            _engine.backward(dy4, x4, B, gamma2, mean, var, count, 1e-5, True, frozen,
-                             _engine.NO_MASK, False, dx4, dgamma, dbeta)
+            _engine.run_forward(x4, B, gamma2, beta2, 1e-5, True, _engine.NO_MASK, False, y4,
+                                mean, var, count, _engine.STATS_AND_APPLY)
+            _engine.run_backward(dy4, x4, B, gamma2, mean, var, count, 1e-5, True, frozen,
+                                 _engine.NO_MASK, False, dx4, dgamma, dbeta)
             outputs.append((y4, mean, var, dx4, dgamma, dbeta))
     finally:
         numba.set_num_threads(threads)
-    for a, b in zip(*outputs):
+    y4, mean, var = np.empty_like(x4), np.empty((V, G)), np.empty((V, G))
+    _engine.forward(x4, B, gamma2, beta2, 1e-5, True, _engine.NO_MASK, False, y4, mean, var,
+                    np.empty(V), _engine.STATS_AND_APPLY)
+    outputs.append((y4, mean, var) + outputs[0][3:])
+    for a, b, c in zip(*outputs):
         np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
 
 
 # -- hypothesis: invariants ----------------------------------------------------------------------
