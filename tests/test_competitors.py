@@ -407,3 +407,108 @@ def test_refused_call_changes_nothing(name, kwargs):
     for (where, k), v in before.items():       # state, params, grads as they were
         np.testing.assert_array_equal(owned[where][k], v, err_msg=f"{where}[{k!r}]")
     np.testing.assert_array_equal(norm.backward(np.ones_like(x)), dx)   # the saved input too
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight standardization (an option of Dense / Conv1d / Conv2d)
+# ---------------------------------------------------------------------------------------------
+
+def _ws_layers(dtype, **kwargs):
+    from normkit.nn import Conv1d, Conv2d, Dense
+    common = dict(weight_standardization=True, dtype=dtype, **kwargs)
+    return {"dense": (Dense(6, 5, rng=0, **common), (4, 6)),
+            "conv1d": (Conv1d(3, 4, 3, padding=1, rng=1, **common), (2, 3, 7)),
+            "conv2d": (Conv2d(3, 4, 3, stride=2, padding=1, rng=2, **common), (2, 3, 6, 5))}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_weight_standardization_matches_reference_and_torch(dtype):
+    """Forward, dx, dweight and dbias against torch autograd through (W - mean) / sqrt(var + eps)
+    and the plain layer; the effective weight against normkit.reference."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    for name, (layer, shape) in _ws_layers(dtype).items():
+        layer.params["bias"][...] = np.linspace(-1, 1, layer.params["bias"].size)
+        x = data(dtype, 1, shape)
+        dy_shape = layer.forward(x, training=True).shape
+        dy = data(dtype, 2, dy_shape)
+        close(layer.effective_weight(), ref.weight_standardize(layer.params["weight"], 1e-5),
+              dtype, f"{name} effective weight")
+        w = torch.tensor(layer.params["weight"].astype(np.float64), requires_grad=True)
+        b = torch.tensor(layer.params["bias"].astype(np.float64), requires_grad=True)
+        xt = torch.tensor(x.astype(np.float64), requires_grad=True)
+        rows = w.reshape(w.shape[0], -1)
+        centered = rows - rows.mean(1, keepdim=True)
+        w_hat = (centered / (centered.pow(2).mean(1, keepdim=True) + 1e-5).sqrt()).reshape(w.shape)
+        if name == "dense":
+            yt = xt @ w_hat.T + b
+        elif name == "conv1d":
+            yt = F.conv1d(xt, w_hat, b, padding=1)
+        else:
+            yt = F.conv2d(xt, w_hat, b, stride=2, padding=1)
+        yt.backward(torch.tensor(dy.astype(np.float64)))
+        y = layer.forward(x, training=True).copy()
+        dx = layer.backward(dy)
+        close(y, yt.detach().numpy(), dtype, f"{name} forward")
+        close(dx, xt.grad.numpy(), dtype, f"{name} dx")
+        close(layer.grads["weight"], w.grad.numpy(), dtype, f"{name} dweight")
+        close(layer.grads["bias"], b.grad.numpy(), dtype, f"{name} dbias")
+
+
+def test_weight_standardization_finite_differences():
+    from normkit.testing import check_vjp
+    for name, (layer, shape) in _ws_layers(np.float64).items():
+        x = data(np.float64, 3, shape)
+        dy = data(np.float64, 4, layer.forward(x, training=True).shape)
+
+        def out(x, weight, bias):
+            layer.params["weight"][...] = weight
+            layer.params["bias"][...] = bias
+            return layer.forward(x, training=True).copy()
+
+        inputs = {"x": x, "weight": layer.params["weight"].copy(),
+                  "bias": layer.params["bias"].copy()}
+        out(**inputs)
+        grads = {"x": layer.backward(dy).copy(), "weight": layer.grads["weight"].copy(),
+                 "bias": layer.grads["bias"].copy()}
+        check_vjp(out, inputs, grads, dy)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_weight_standardization_matches_timm_std_conv(dtype):
+    """timm's StdConv2d (eps passed: its default is 1e-6) with autograd."""
+    torch = pytest.importorskip("torch")
+    std_conv = timm_layers("std_conv")
+    layer, shape = _ws_layers(dtype, ws_eps=1e-6)["conv2d"]
+    theirs = std_conv.StdConv2d(3, 4, 3, stride=2, padding=1, bias=True, eps=1e-6).double()
+    with torch.no_grad():
+        theirs.weight.copy_(torch.tensor(layer.params["weight"].astype(np.float64)))
+        theirs.bias.copy_(torch.tensor(layer.params["bias"].astype(np.float64)))
+    x = data(dtype, 5, shape)
+    xt = torch.tensor(x.astype(np.float64), requires_grad=True)
+    yt = theirs(xt)
+    dy = data(dtype, 6, tuple(yt.shape))
+    yt.backward(torch.tensor(dy.astype(np.float64)))
+    close(layer.forward(x, training=True), yt.detach().numpy(), dtype, "forward")
+    close(layer.backward(dy), xt.grad.numpy(), dtype, "dx")
+    close(layer.grads["weight"], theirs.weight.grad.numpy(), dtype, "dweight")
+
+
+def test_weight_standardization_folds_and_refuses_bad_options():
+    from normkit.inference import fold
+    from normkit.nn import Conv1d, Sequential
+    conv = Conv1d(2, 4, 3, padding=1, rng=0, weight_standardization=True, dtype=np.float64)
+    bn = normkit.make("batch", 4, dtype=np.float64)
+    model = Sequential([conv, bn])
+    for seed in range(3):
+        model.forward(data(np.float64, seed, (5, 2, 6)), training=True)
+    x = data(np.float64, 9, (5, 2, 6))
+    np.testing.assert_allclose(fold(model).forward(x, training=False),
+                               model.forward(x, training=False), rtol=1e-12, atol=1e-12)
+    assert "weight_standardization=True" in repr(conv)
+    plain = Conv1d(2, 4, 3, padding=1, rng=0, dtype=np.float64)
+    np.testing.assert_array_equal(plain.effective_weight(), plain.params["weight"])
+    with pytest.raises(ValueError, match="ws_eps"):
+        Conv1d(2, 4, 3, rng=0, weight_standardization=True, ws_eps=0.0)
+    with pytest.raises(TypeError, match="weight_standardization"):
+        Conv1d(2, 4, 3, rng=0, weight_standardization="yes")
