@@ -207,12 +207,15 @@ class _RunningBatchNorm(_SpatialNorm):
     (``momentum`` the weight of the new batch, running_var the unbiased variance)."""
 
     min_spatial = 2
+    #: Whether ``state`` holds a running_mean (EvoNorm-B0 uses the variance only).
+    keeps_running_mean = True
 
     def __init__(self, num_features, *, eps, momentum, dtype):
         super().__init__(num_features, eps=eps, dtype=dtype)
         self.momentum = _check_momentum(momentum)
         C = self.num_features
-        self.state["running_mean"] = np.zeros(C, self.dtype)
+        if self.keeps_running_mean:
+            self.state["running_mean"] = np.zeros(C, self.dtype)
         self.state["running_var"] = np.ones(C, self.dtype)
         self.state["num_batches_tracked"] = np.zeros((), np.int64)
 
@@ -225,13 +228,14 @@ class _RunningBatchNorm(_SpatialNorm):
         return layer_mean, layer_var, batch_mean, batch_var
 
     def _running(self):
-        return (self.state["running_mean"].astype(np.float64),
-                self.state["running_var"].astype(np.float64))
+        running_mean = self.state.get("running_mean", np.zeros(self.num_features))
+        return (running_mean.astype(np.float64), self.state["running_var"].astype(np.float64))
 
     def _commit(self, batch_mean, batch_var, count):
         def commit():
             state = self.state
-            _engine.running_update(state["running_mean"].reshape(1, -1),
+            running_mean = state.get("running_mean", np.zeros(self.num_features))
+            _engine.running_update(running_mean.reshape(1, -1),
                                    state["running_var"].reshape(1, -1),
                                    state["num_batches_tracked"].reshape(1),
                                    batch_mean.reshape(1, -1), batch_var.reshape(1, -1),
@@ -250,10 +254,12 @@ class EvoNormB0(_RunningBatchNorm):
     v, gamma init 1, beta 0. Evaluation uses ``running_var`` in place of batch_var (the batch
     variance carries gradient in training). eps 1e-5 as the authors' code (timm's EvoNorm2dB0:
     1e-3); ``running_var`` follows PyTorch and timm (unbiased, momentum the weight of the new
-    batch, 0.1 = the authors' decay 0.9; the authors average the biased variance);
-    ``running_mean`` is kept for the interface and unused. A normalization-activation layer:
-    it replaces "norm + ReLU". Needs more than one spatial element per channel.
+    batch, 0.1 = the authors' decay 0.9; the authors average the biased variance); no running
+    mean (B0 uses none). A normalization-activation layer: it replaces "norm + ReLU". Needs more
+    than one spatial element per channel.
     """
+
+    keeps_running_mean = False
 
     def __init__(self, num_features, *, eps=1e-5, momentum=0.1, dtype=np.float32):
         super().__init__(num_features, eps=eps, momentum=momentum, dtype=dtype)

@@ -105,11 +105,12 @@ def torch_forward(torch, norm, x, training, params, state):
         if training:
             bm, bv = x.mean(dim=batch_axes), x.var(dim=batch_axes, unbiased=False)
             m = norm.momentum
-            state["running_mean"] = (1 - m) * state["running_mean"] + m * bm.detach()
+            if "running_mean" in state:
+                state["running_mean"] = (1 - m) * state["running_mean"] + m * bm.detach()
             state["running_var"] = ((1 - m) * state["running_var"]
                                     + m * bv.detach() * count / (count - 1))
         else:
-            bm, bv = state["running_mean"], state["running_var"]
+            bm, bv = state.get("running_mean"), state["running_var"]
         if norm.name == "evonorm_b0":
             left = (c(bv) + norm.eps).sqrt()
             right = c(params["v"]) * x + (x.var(dim=spatial, unbiased=False, keepdim=True)
@@ -361,6 +362,7 @@ def test_defaults_follow_the_papers():
     assert normkit.make("evonorm_s0", 40).num_groups == 20
     s0 = normkit.make("evonorm_s0", 64)
     assert s0.eps == 1e-5 and s0.params["v"].tolist() == [1.0] * 64
+    assert set(normkit.make("evonorm_b0", 4).state) == {"running_var", "num_batches_tracked"}
     sn = normkit.make("switchable", 4)
     assert sn.params["mean_weight"].tolist() == [1.0] * 3 == sn.params["var_weight"].tolist()
     assert {"frn", "evonorm_s0", "evonorm_b0", "switchable", "dyt"} <= set(normkit.available())
@@ -512,3 +514,47 @@ def test_weight_standardization_folds_and_refuses_bad_options():
         Conv1d(2, 4, 3, rng=0, weight_standardization=True, ws_eps=0.0)
     with pytest.raises(TypeError, match="weight_standardization"):
         Conv1d(2, 4, 3, rng=0, weight_standardization="yes")
+
+
+# ---------------------------------------------------------------------------------------------
+# In the training engine and the small-batch study
+# ---------------------------------------------------------------------------------------------
+
+def test_build_model_places_the_competitors():
+    from normkit.nn import Conv1d, Dense, ReLU
+    from normkit.train import NotApplicable, TrainConfig, build_model, not_applicable_reason
+    rng = np.random.default_rng(0)
+    for norm in ("frn", "evonorm_s0", "evonorm_b0"):            # they replace "norm + ReLU"
+        model = build_model(TrainConfig(model="cnn1d", norm=norm), (1, 40), 10, rng)
+        kinds = [type(layer).__name__ for layer in model]
+        assert "ReLU" not in kinds and kinds.count(type(normkit.make(norm, 4)).__name__) == 3
+    for norm in ("switchable", "dyt", "gn+ws"):
+        model = build_model(TrainConfig(model="cnn1d", norm=norm), (1, 40), 10, rng)
+        assert sum(isinstance(layer, ReLU) for layer in model) == 3
+    ws = build_model(TrainConfig(model="mlp", norm="gn+ws"), (64,), 10, rng)
+    linear = [layer for layer in ws if isinstance(layer, (Dense, Conv1d))]
+    assert [layer.weight_standardization for layer in linear] == [True, True, False]
+    assert all(isinstance(layer, normkit.GroupNorm) for layer in ws
+               if isinstance(layer, normkit.Norm))
+    frn = [layer for layer in build_model(TrainConfig(model="mlp", norm="frn"), (64,), 10, rng)
+           if isinstance(layer, normkit.Norm)]
+    assert frn and all(layer.learned_eps for layer in frn)     # the paper's 1x1 option
+    for norm in ("evonorm_b0", "switchable"):
+        assert "spatial" in not_applicable_reason(TrainConfig(model="mlp", norm=norm))
+        with pytest.raises(NotApplicable, match="spatial"):
+            build_model(TrainConfig(model="mlp", norm=norm), (64,), 10, rng)
+
+
+def test_small_batch_grids_hold_the_competitors():
+    from normkit import sweep
+    study = sweep.load_study(pathlib.Path(__file__).parent.parent / "studies" / "small_batch.py")
+    module = sys.modules[study.run.__module__]
+    quick, full = study.configs(quick=True), study.configs(quick=False)
+    for model, norms in module.COMPETITORS.items():
+        for norm in norms:
+            assert {c.batch_size for c in quick if (c.model, c.norm) == (model, norm)} == {2, 32}
+            assert {c.batch_size for c in full if (c.model, c.norm) == (model, norm)} == \
+                {1, 2, 4, 8, 16, 32, 64, 128}
+    assert {"frn", "evonorm_s0", "evonorm_b0", "gn+ws", "switchable", "dyt"} == \
+        set(module.COMPETITORS["cnn1d"])
+    assert not any(c.model == "mlp" and c.norm in ("evonorm_b0", "switchable") for c in full)
