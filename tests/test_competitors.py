@@ -3,11 +3,8 @@ implementation (autograd), timm's layers where it has them, and finite differenc
 behaviour checklist (batch independence, train vs eval, running statistics, bad input)."""
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import pathlib
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -205,16 +202,12 @@ def test_frn_learned_eps_on_1x1_maps_finite_differences():
 # ---------------------------------------------------------------------------------------------
 
 def timm_layers(module: str):
-    pytest.importorskip("torch")
-    spec = importlib.util.find_spec("timm")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("timm is not installed")
-    package = "_normkit_timm_layers"
-    if package not in sys.modules:
-        shell = types.ModuleType(package)
-        shell.__path__ = [str(pathlib.Path(list(spec.submodule_search_locations)[0]) / "layers")]
-        sys.modules[package] = shell
-    return importlib.import_module(f"{package}.{module}")
+    """timm's layer file, or a skip where torch or timm is missing."""
+    from normkit.testing import timm_layers as load
+    try:
+        return load(module)
+    except ImportError as error:
+        pytest.skip(str(error))
 
 
 #: timm computes its statistics in float32 whatever the input's dtype (``x.float()`` in
