@@ -339,6 +339,7 @@ def findings(frame) -> list[str]:
                 where = sorted(s for s, c in cells.items() if c[3])
                 lines[-1] += f" {diverged} run(s) diverged (batch sizes {where}), left out."
         lines += _recovery(stats, model)
+        lines += _competitor_lines(stats, model)
         lines += _statistics_lines(frame, model, stats)
         lines += _large_batch_lines(stats)
         lines += _paper_lines(stats)
@@ -367,6 +368,41 @@ def _recovery(stats, model) -> list[str]:
             verdict = "does not change it (no significant difference)"
         lines.append(f"- {label} against batch norm below {REFERENCE_BATCH}: "
                      f"{'; '.join(parts)}; it {verdict}.")
+    return lines
+
+
+def _competitor_lines(stats, model) -> list[str]:
+    """Each competitor at the reference batch size against group norm and batch norm there,
+    and its smallest batch size against group norm's (significance as in :func:`degradation`)."""
+    lines = []
+    ref = REFERENCE_BATCH
+    group, batch = stats.get("group", {}), stats.get("batch", {})
+
+    def against(cell, other, name):
+        if other is None or math.isnan(other[0]):
+            return None
+        if _significantly_worse(cell, other):
+            word = "worse than"
+        elif _significantly_worse(other, cell):
+            word = "better than"
+        else:
+            word = "level with"
+        return f"{word} {name} ({_fmt(other[0])})"
+
+    for norm in COMPETITORS[model]:
+        cells = stats.get(norm, {})
+        if ref not in cells or math.isnan(cells[ref][0]):
+            continue
+        parts = [p for p in (against(cells[ref], group.get(ref), "group"),
+                             against(cells[ref], batch.get(ref), "batch")) if p]
+        text = f"- **{norm}** at batch {ref}: {_fmt(cells[ref][0])}" + (
+            f", {' and '.join(parts)}" if parts else "")
+        smallest = min(cells)
+        if smallest < ref and not math.isnan(cells[smallest][0]):
+            compared = against(cells[smallest], group.get(smallest), "group")
+            text += f"; at batch {smallest}: {_fmt(cells[smallest][0])}" + (
+                f", {compared}" if compared else "")
+        lines.append(text + ".")
     return lines
 
 

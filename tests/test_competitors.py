@@ -551,3 +551,21 @@ def test_small_batch_grids_hold_the_competitors():
     assert {"frn", "evonorm_s0", "evonorm_b0", "gn+ws", "switchable", "dyt"} == \
         set(module.COMPETITORS["cnn1d"])
     assert not any(c.model == "mlp" and c.norm in ("evonorm_b0", "switchable") for c in full)
+
+
+def test_small_batch_findings_compare_each_competitor_with_group_and_batch_norm():
+    pd = pytest.importorskip("pandas")
+    from normkit import sweep
+    study = sweep.load_study(pathlib.Path(__file__).parent.parent / "studies" / "small_batch.py")
+    module = sys.modules[study.run.__module__]
+    errors = {"batch": {2: 0.30, 32: 0.03}, "group": {2: 0.031, 32: 0.03},
+              "frn": {2: 0.10, 32: 0.10}, "dyt": {2: 0.031, 32: 0.03}}
+    rows = [{"model": "mlp", "norm": norm, "batch_size": size, "epochs": 20, "seed": seed,
+             "status": "ok", "test_error": error + 0.001 * (seed - 1),
+             "test_error_batchstats": error, "stat_error": np.nan}
+            for norm, cells in errors.items() for size, error in cells.items() for seed in range(3)]
+    text = "\n".join(module.findings(pd.DataFrame(rows)))
+    assert "**frn** at batch 32: 10.0%, worse than group (3.0%) and worse than batch (3.0%); " \
+           "at batch 2: 10.0%, worse than group (3.1%)." in text
+    assert "**dyt** at batch 32: 3.0%, level with group (3.0%) and level with batch (3.0%); " \
+           "at batch 2: 3.1%, level with group (3.1%)." in text
