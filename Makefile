@@ -4,6 +4,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 EXTRAS ?= test,torch,data,plots,dask
+# timm: the outside oracle of tests/test_competitors.py, installed without its dependencies (its
+# torchvision requirement resolves to a CUDA build that fails beside the CPU torch; the tests load
+# only timm's layer files, which need torch alone).
+TIMM   := timm==1.0.31
 
 .PHONY: install test clean quick studies bench
 
@@ -13,6 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --quiet --no-deps "$(TIMM)"
 	touch $(STAMP)
 
 test: $(STAMP)

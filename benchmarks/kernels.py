@@ -14,7 +14,9 @@ with an empty cache, then a second process with the cache filled). Implementatio
     numpy          normkit.reference (plain NumPy; timed right after the others, on its own,
                    since one call takes up to a second)
     torch          torch.nn.functional on CPU, torch.set_num_threads = Numba's thread count;
-                   backward is torch.autograd.grad of the recorded forward
+                   backward is torch.autograd.grad of the recorded forward. For FRN and the
+                   EvoNorms: timm's layer (normkit.testing.timm_layers); for switchable norm
+                   and DyT, which timm lacks, a plain PyTorch function
 
 The floor of a case is the bytes that must move (forward: read x, write y; backward: read x and
 dy, write dx) over the streaming bandwidth of this machine, measured in the same run as a large
@@ -75,7 +77,17 @@ CASES = [
     Case("rms", "RMS (8192,1024)", "rms", (8192, 1024)),
     Case("bn_tiny", "BN tiny (2,512)", "batch", (2, 512)),
     Case("bn_nchw_f64", "BN train f64 (32,64,56,56)", "batch", (32, 64, 56, 56), dtype=np.float64),
+    # The batch-independent competitors; their peer is timm's layer where timm has it (FRN,
+    # EvoNorm-S0/B0), else plain PyTorch. No functional-kernel or NumPy column for them.
+    Case("frn", "FRN+TLU (32,64,56,56)", "frn", (32, 64, 56, 56)),
+    Case("evonorm_s0", "EvoNorm-S0 32 groups (32,64,56,56)", "evonorm_s0", (32, 64, 56, 56),
+         kwargs=(("num_groups", 32),)),
+    Case("evonorm_b0", "EvoNorm-B0 train (32,64,56,56)", "evonorm_b0", (32, 64, 56, 56)),
+    Case("switchable", "Switchable train (32,64,56,56)", "switchable", (32, 64, 56, 56)),
+    Case("dyt", "DyT (32,64,56,56)", "dyt", (32, 64, 56, 56)),
 ]
+#: Cases with a functional kernel (``kernel`` column) and a NumPy reference backward.
+KERNEL_NORMS = ("batch", "layer", "rms", "group")
 
 
 def _features(case: Case):
@@ -102,6 +114,8 @@ def _normkit(case, x, dy, out):
 
 def _kernel(case, x, dy, norm):
     """The functional kernel on the norm's own parameters, outputs into preallocated arrays."""
+    if case.norm not in KERNEL_NORMS:
+        return {}
     out, dout = np.empty_like(x), np.empty_like(x)
     gamma = norm.params["gamma"].reshape(-1)
     if case.norm == "batch" and case.training:
@@ -127,6 +141,8 @@ def _kernel(case, x, dy, norm):
 
 
 def _numpy(case, x, dy, norm):
+    if case.norm not in KERNEL_NORMS:
+        return {}
     p = {k: v.copy() for k, v in norm.params.items()}
     if case.norm == "batch" and case.training:
         return {"fwd": lambda: ref.batch_forward_train(x, p["gamma"], p["beta"], EPS),
@@ -145,9 +161,58 @@ def _numpy(case, x, dy, norm):
             "bwd": lambda: ref.group_backward(dy, x, p["gamma"], G, EPS)}
 
 
+def _competitor_peer(torch, case, norm):
+    """timm's module for FRN and the EvoNorms (parameters copied from ``norm``), a plain
+    PyTorch function for switchable norm and DyT; in training mode."""
+    from normkit.testing import timm_layers
+    C = case.shape[1]
+    p = {k: torch.tensor(v, requires_grad=True) for k, v in norm.params.items()}
+    if case.norm in ("frn", "evonorm_s0", "evonorm_b0"):
+        if case.norm == "frn":
+            module = timm_layers("filter_response_norm").FilterResponseNormTlu2d(C, eps=norm.eps)
+            theirs = {"gamma": module.weight, "beta": module.bias, "tau": module.tau}
+        elif case.norm == "evonorm_s0":
+            module = timm_layers("evo_norm").EvoNorm2dS0(C, groups=norm.num_groups, eps=norm.eps)
+            theirs = {"gamma": module.weight, "beta": module.bias, "v": module.v}
+        else:
+            module = timm_layers("evo_norm").EvoNorm2dB0(C, eps=norm.eps)
+            theirs = {"gamma": module.weight, "beta": module.bias, "v": module.v}
+        with torch.no_grad():
+            for key, param in theirs.items():
+                param.copy_(torch.from_numpy(norm.params[key]))
+        return module.train(), list(theirs.values())
+    view = (1, C, 1, 1)
+    if case.norm == "dyt":
+        return (lambda inp: p["gamma"].view(view) * torch.tanh(p["alpha"] * inp)
+                + p["beta"].view(view)), list(p.values())
+    running_mean, running_var = torch.zeros(C), torch.ones(C)
+
+    def switchable(inp):
+        inst_var, inst_mean = torch.var_mean(inp, dim=(2, 3), unbiased=False, keepdim=True)
+        layer_var, layer_mean = torch.var_mean(inp, dim=(1, 2, 3), unbiased=False, keepdim=True)
+        batch_var, batch_mean = torch.var_mean(inp, dim=(0, 2, 3), unbiased=False, keepdim=True)
+        with torch.no_grad():                  # the running averages, as normkit updates them
+            n = inp.numel() // C
+            running_mean.mul_(0.9).add_(0.1 * batch_mean.view(-1))
+            running_var.mul_(0.9).add_(0.1 * n / (n - 1) * batch_var.view(-1))
+        w_mean, w_var = torch.softmax(p["mean_weight"], 0), torch.softmax(p["var_weight"], 0)
+        mean = w_mean[0] * inst_mean + w_mean[1] * layer_mean + w_mean[2] * batch_mean
+        var = w_var[0] * inst_var + w_var[1] * layer_var + w_var[2] * batch_var
+        return (inp - mean) * torch.rsqrt(var + norm.eps) * p["gamma"].view(view) \
+            + p["beta"].view(view)
+    return switchable, list(p.values())
+
+
 def _torch(torch, case, x, dy, norm):
     F = torch.nn.functional
     xt, dyt = torch.from_numpy(x), torch.from_numpy(dy)
+    if case.norm not in KERNEL_NORMS:
+        forward, params = _competitor_peer(torch, case, norm)
+        xg = xt.clone().requires_grad_(True)
+        recorded = forward(xg)
+        return {"fwd": lambda: forward(xt),
+                "bwd": lambda: torch.autograd.grad(recorded, (xg, *params), dyt,
+                                                   retain_graph=True)}
     p = {k: torch.tensor(v.reshape(-1) if case.norm != "layer" else v, requires_grad=True)
          for k, v in norm.params.items()}
     state = {k: torch.tensor(v) for k, v in norm.state.items() if k != "num_batches_tracked"}
@@ -194,10 +259,11 @@ def run_case(case, torch, args):
         impls["torch"] = _torch(torch, case, x, dy, norm)
     rows = []
     for direction in case.directions:
-        fns = {name: fns[direction] for name, fns in impls.items() if name != "numpy"}
+        fns = {name: fns[direction] for name, fns in impls.items()
+               if name != "numpy" and direction in fns}
         timings = interleaved(fns, max_time=args.max_time, min_rounds=args.min_rounds,
                               gap=args.gap)
-        if "numpy" in impls:                   # up to a second a call: timed on its own
+        if direction in impls.get("numpy", {}):   # up to a second a call: timed on its own
             timings.update(interleaved({"numpy": impls["numpy"][direction]}, min_rounds=3,
                                        max_time=args.max_time / 2))
         for name, t in timings.items():

@@ -117,7 +117,7 @@ def _clone(layer):
         else:
             clone = Conv2d(layer.in_channels, layer.out_channels, kernel, stride=stride,
                            padding=padding, **common)
-    clone.params["weight"][...] = layer.params["weight"]
+    clone.params["weight"][...] = layer.effective_weight()     # standardized, if the layer is
     clone.params["bias"][...] = layer.params["bias"] if layer.has_bias else 0
     return clone
 

@@ -41,6 +41,12 @@ __all__ = [
     "group_backward",
     "rms_forward",
     "rms_backward",
+    "frn_forward",
+    "evonorm_s0_forward",
+    "evonorm_b0_forward",
+    "switchable_forward",
+    "dyt_forward",
+    "weight_standardize",
 ]
 
 
@@ -531,3 +537,107 @@ def group_backward(dy, x, gamma, num_groups, eps):
     _check_same_shape("dy", dy, x)
     dx, dgamma, dbeta = _backward(dy.reshape(grouped.shape), grouped, gamma, axes, param_shape, eps)
     return _grads_out(dx.reshape(x.shape), dgamma, dbeta, x, gamma)
+
+
+# ----------------------------------------------------------------------------------------------
+# The batch-independent competitors (forward only: their gradients are checked against PyTorch's
+# autograd and finite differences). x is (N, C, *spatial); per-channel parameters (C,).
+# ----------------------------------------------------------------------------------------------
+
+def _channel(p, x):
+    """A per-channel parameter broadcast against x (N, C, *S), float64."""
+    return np.asarray(p, dtype=np.float64).reshape((1, -1) + (1,) * (x.ndim - 2))
+
+
+def _spatial_axes(x):
+    return tuple(range(2, x.ndim))
+
+
+def frn_forward(x, gamma, beta, tau, eps):
+    """Filter response normalization + TLU: max(gamma x / sqrt(mean(x^2 over spatial) + eps)
+    + beta, tau). ``eps`` is the total (eps + |eps_l| with a learned eps)."""
+    x64 = _float_array("x", x).astype(np.float64)
+    _check_eps(eps)
+    axes = _spatial_axes(x64)
+    nu2 = np.mean(x64 ** 2, axis=axes, keepdims=True) if axes else x64 ** 2
+    y = _channel(gamma, x64) * x64 / np.sqrt(nu2 + eps) + _channel(beta, x64)
+    return np.maximum(y, _channel(tau, x64)).astype(x.dtype)
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def evonorm_s0_forward(x, v, gamma, beta, num_groups, eps):
+    """EvoNorm-S0: x sigmoid(v x) / sqrt(group_var(x) + eps) gamma + beta, the biased variance
+    per sample over each group of C / num_groups channels and the spatial axes."""
+    x64 = _float_array("x", x).astype(np.float64)
+    _check_eps(eps)
+    grouped, axes, _ = _group_layout(x64, num_groups)
+    std = np.sqrt(np.var(grouped, axis=axes, keepdims=True) + eps)
+    std = np.broadcast_to(std, grouped.shape).reshape(x64.shape)
+    y = x64 * _sigmoid(_channel(v, x64) * x64) / std
+    return (y * _channel(gamma, x64) + _channel(beta, x64)).astype(x.dtype)
+
+
+def evonorm_b0_forward(x, v, gamma, beta, eps, batch_var=None):
+    """EvoNorm-B0: x / max(sqrt(batch_var + eps), v x + sqrt(instance_var + eps)) gamma + beta.
+    ``batch_var`` (C,): None computes the batch's own (biased, over N and the spatial axes), as
+    in training; evaluation passes the running variance."""
+    x64 = _float_array("x", x).astype(np.float64)
+    _check_eps(eps)
+    axes = _spatial_axes(x64)
+    if batch_var is None:
+        batch_var = np.var(x64, axis=(0,) + axes)
+    left = np.sqrt(_channel(batch_var, x64) + eps)
+    right = _channel(v, x64) * x64 + np.sqrt(np.var(x64, axis=axes, keepdims=True) + eps)
+    y = x64 / np.maximum(left, right)
+    return (y * _channel(gamma, x64) + _channel(beta, x64)).astype(x.dtype)
+
+
+def switchable_forward(x, gamma, beta, mean_weight, var_weight, eps, running=None):
+    """Switchable norm: (x - sum_k w_k mu_k) / sqrt(sum_k w'_k var_k + eps) gamma + beta over
+    k = instance, layer, batch; w = softmax(mean_weight), w' = softmax(var_weight); biased
+    variances. ``running`` = (running_mean, running_var) replaces the batch statistics
+    (evaluation). Returns ``(y, batch_mean, batch_var)`` (the batch's, float64)."""
+    x64 = _float_array("x", x).astype(np.float64)
+    _check_eps(eps)
+    spatial = _spatial_axes(x64)
+    layer_axes = tuple(range(1, x64.ndim))
+    batch_axes = (0,) + spatial
+    batch_mean, batch_var = np.mean(x64, axis=batch_axes), np.var(x64, axis=batch_axes)
+    used_mean, used_var = (batch_mean, batch_var) if running is None else running
+    means = (np.mean(x64, axis=spatial, keepdims=True), np.mean(x64, axis=layer_axes, keepdims=True),
+             _channel(used_mean, x64))
+    variances = (np.var(x64, axis=spatial, keepdims=True), np.var(x64, axis=layer_axes, keepdims=True),
+                 _channel(used_var, x64))
+
+    def softmax(a):
+        e = np.exp(np.asarray(a, dtype=np.float64))
+        return e / e.sum()
+
+    mean = sum(w * m for w, m in zip(softmax(mean_weight), means))
+    var = sum(w * s for w, s in zip(softmax(var_weight), variances))
+    y = (x64 - mean) / np.sqrt(var + eps) * _channel(gamma, x64) + _channel(beta, x64)
+    return y.astype(x.dtype), batch_mean, batch_var
+
+
+def dyt_forward(x, alpha, gamma, beta, axis=1):
+    """Dynamic Tanh: gamma tanh(alpha x) + beta, gamma and beta per channel at ``axis``."""
+    x64 = _float_array("x", x).astype(np.float64)
+    shape = [1] * x64.ndim
+    shape[axis] = -1
+    g = np.asarray(gamma, dtype=np.float64).reshape(shape)
+    b = np.asarray(beta, dtype=np.float64).reshape(shape)
+    return (g * np.tanh(float(alpha) * x64) + b).astype(x.dtype)
+
+
+def weight_standardize(weight, eps):
+    """Weight standardization: each output unit's weights (axis 0) minus their mean over the
+    fan-in, divided by sqrt(their biased variance + eps)."""
+    w = _float_array("weight", weight).astype(np.float64)
+    _check_eps(eps)
+    rows = w.reshape(w.shape[0], -1)
+    centered = rows - rows.mean(axis=1, keepdims=True)
+    out = centered / np.sqrt(np.mean(centered ** 2, axis=1, keepdims=True) + eps)
+    return out.reshape(w.shape).astype(weight.dtype)

@@ -14,11 +14,16 @@ Use it on your own variant::
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import pathlib
+import sys
+import types
 from typing import Callable, Mapping
 
 import numpy as np
 
-__all__ = ["check_vjp", "check_norm", "GradientMismatch"]
+__all__ = ["check_vjp", "check_norm", "GradientMismatch", "timm_layers"]
 
 
 class GradientMismatch(AssertionError):
@@ -111,3 +116,22 @@ def check_norm(norm, x: np.ndarray, *, training: bool = True, seed: int = 0, **k
             norm.params[k][...] = v
         for k, v in saved_state.items():
             norm.state[k][...] = v
+
+
+_TIMM_LAYERS = "_normkit_timm_layers"
+
+
+def timm_layers(module: str):
+    """timm's ``timm/layers/<module>.py`` (e.g. "evo_norm", "filter_response_norm", "std_conv"),
+    imported without ``import timm``: the package root pulls in torchvision, which is not
+    installed beside the CPU torch. The layer files need torch alone. Raises ImportError where
+    torch or timm is missing."""
+    importlib.import_module("torch")
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("timm is not installed (make install adds it with --no-deps)")
+    if _TIMM_LAYERS not in sys.modules:        # a package holding timm/layers/ as its path
+        shell = types.ModuleType(_TIMM_LAYERS)
+        shell.__path__ = [str(pathlib.Path(list(spec.submodule_search_locations)[0]) / "layers")]
+        sys.modules[_TIMM_LAYERS] = shell
+    return importlib.import_module(f"{_TIMM_LAYERS}.{module}")

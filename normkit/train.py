@@ -53,6 +53,13 @@ LR_SCHEDULES = ("constant", "cosine")
 DEFAULT_WIDTHS = {"mlp": (128, 128), "cnn1d": (32, 32, 32)}
 #: Norms that normalize with statistics over the batch in training.
 BATCH_STAT_NORMS = ("batch", "renorm", "ghost")
+#: Normalization-activation layers: they replace "norm + ReLU", so no ReLU follows them.
+NORM_ACTIVATIONS = ("frn", "evonorm_s0", "evonorm_b0")
+#: Norm names that are not a single normalizer: "gn+ws" is group norm after layers with weight
+#: standardization (Qiao et al., 2019).
+COMPOSITE_NORMS = ("gn+ws",)
+#: Norms whose statistics need spatial axes (more than one value per sample and channel).
+SPATIAL_NORMS = ("instance", "evonorm_b0", "switchable")
 
 
 class NotApplicable(ValueError):
@@ -119,7 +126,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("model", self.model, MODELS)
-        _check_choice("norm", self.norm, _norms.available())
+        _check_choice("norm", self.norm, [*_norms.available(), *COMPOSITE_NORMS])
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("init", self.init, _init.names())
@@ -209,19 +216,29 @@ def make_norm(config: TrainConfig, num_features: int, length: int | None = None)
       example with a per-channel gain and bias, i.e. group norm with one group (Wu & He's LN).
     - "rms": over the C units after a Dense; over (C, L) per example after a convolution, with
       a gain per element of (C, L) (RMS norm's own convention: gain of the normalized shape).
+    - "gn+ws": group norm as "group" (the layers before it standardize their weights, see
+      :func:`build_model`).
+    - "frn": per channel; after a Dense (1x1 maps) with the paper's learned eps.
+    - "evonorm_s0": ``num_groups`` groups, as "group" (the paper's 32 would be groups of one
+      channel in these narrow networks); "evonorm_b0", "switchable": convolutions only (their
+      instance statistics need spatial axes); "dyt": per channel, alpha 0.5.
     """
     name, options = config.norm, dict(config.norm_options)
     options.setdefault("dtype", np.dtype(config.dtype))
-    if name == "group":
+    if name in SPATIAL_NORMS and length is None:
+        raise NotApplicable(f"{name} needs spatial axes: its instance statistics have one value "
+                            f"per channel after a Dense layer")
+    if name == "gn+ws":
+        name = "group"
+    if name in ("group", "evonorm_s0"):
         options.setdefault("num_groups", config.num_groups)
     elif name == "ghost":
         options.setdefault("virtual_batch_size", config.virtual_batch_size)
     elif name == "renorm":
         options.setdefault("r_max", 1.0)
         options.setdefault("d_max", 0.0)
-    elif name == "instance" and length is None:
-        raise NotApplicable("instance norm needs spatial axes: it has one value per channel "
-                            "after a Dense layer")
+    elif name == "frn" and length is None:
+        options.setdefault("learned_eps", True)
     elif name == "layer" and length is not None:
         return _norms.make("group", num_features, num_groups=1, **options)
     elif name == "rms" and length is not None:
@@ -234,9 +251,13 @@ def _conv_length(length: int, kernel_size: int, stride: int) -> int:
 
 
 def _norm_layer(config: TrainConfig, num_features: int, length: int | None = None) -> list:
-    """[the norm layer], or [] for "none": the baseline has no layer there (not an identity
-    that copies, which would charge the baseline for work it does not do)."""
-    return [] if config.norm == "none" else [make_norm(config, num_features, length)]
+    """[the norm layer, ReLU] ([ReLU] for "none": the baseline has no layer there, not an
+    identity that copies, which would charge the baseline for work it does not do); a
+    normalization-activation layer alone."""
+    if config.norm == "none":
+        return [ReLU()]
+    norm = make_norm(config, num_features, length)
+    return [norm] if config.norm in NORM_ACTIVATIONS else [norm, ReLU()]
 
 
 def build_model(config: TrainConfig, input_shape: tuple[int, ...], num_classes: int,
@@ -246,17 +267,20 @@ def build_model(config: TrainConfig, input_shape: tuple[int, ...], num_classes: 
     - "mlp": (F,) -> [Dense, norm, ReLU] per width -> Dense(num_classes).
     - "cnn1d": (C_in, L) -> [Conv1d(kernel_size, conv_stride, padding kernel_size // 2), norm,
       ReLU] per width -> global average pool -> Dense(num_classes).
+
+    A normalization-activation layer (frn, evonorm_s0, evonorm_b0) takes the place of "norm,
+    ReLU"; with "gn+ws" the hidden Dense/Conv1d layers standardize their weights.
     """
     dtype = np.dtype(config.dtype)
     layer_options = dict(rng=rng, init=config.init, init_scale=config.init_scale, dtype=dtype)
+    hidden_options = dict(layer_options, weight_standardization=config.norm == "gn+ws")
     layers: list = []
     if config.model == "mlp":
         if len(input_shape) != 1:
             raise ValueError(f"the mlp takes examples of shape (F,), got {input_shape}")
         width_in = input_shape[0]
         for width in config.hidden_widths:
-            layers += [Dense(width_in, width, **layer_options),
-                       *_norm_layer(config, width), ReLU()]
+            layers += [Dense(width_in, width, **hidden_options), *_norm_layer(config, width)]
             width_in = width
     else:
         if len(input_shape) != 2:
@@ -265,8 +289,8 @@ def build_model(config: TrainConfig, input_shape: tuple[int, ...], num_classes: 
         k, stride = config.kernel_size, config.conv_stride
         for width in config.hidden_widths:
             length = _conv_length(length, k, stride)         # >= 1: padding is k // 2
-            layers += [Conv1d(width_in, width, k, stride=stride, padding=k // 2, **layer_options),
-                       *_norm_layer(config, width, length), ReLU()]
+            layers += [Conv1d(width_in, width, k, stride=stride, padding=k // 2,
+                              **hidden_options), *_norm_layer(config, width, length)]
             width_in = width
         layers.append(GlobalAvgPool())
     layers.append(Dense(width_in, num_classes, **layer_options))
@@ -303,8 +327,8 @@ def renorm_limits(epoch: int, epochs: int, *, r_max: float = 3.0, d_max: float =
 def not_applicable_reason(config: TrainConfig) -> str | None:
     """Why ``config`` cannot train, or None: a batch-statistics norm with one value per channel
     per (virtual) batch, ghost batches that do not divide the batch, instance norm on an MLP."""
-    if config.norm == "instance" and config.model == "mlp":
-        return "instance norm needs spatial axes (one value per channel after a Dense layer)"
+    if config.norm in SPATIAL_NORMS and config.model == "mlp":
+        return f"{config.norm} needs spatial axes (one value per channel after a Dense layer)"
     if config.norm not in BATCH_STAT_NORMS:
         return None
     if config.norm == "ghost":

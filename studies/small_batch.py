@@ -11,7 +11,11 @@ images per GPU to 34.7% at 2, group norm flat at about 24% (``PAPER`` below). He
 - Norms: none, batch, renorm (Ioffe's clips relaxed over the epochs: plain BN for the first
   epoch, r_max 1 -> 3 and d_max 0 -> 5 reached at half of the epochs,
   :func:`normkit.train.renorm_limits`), ghost (virtual batches of 4, run from batch 8 up), group
-  (8 groups: of channels in the CNN, of 16 units in the MLP), layer, rms, instance (CNN only).
+  (8 groups: of channels in the CNN, of 16 units in the MLP), layer, rms, instance (CNN only);
+  the batch-independent competitors (``COMPETITORS``): frn (FRN + TLU; learned eps in the MLP),
+  evonorm_s0 (8 groups, as group), evonorm_b0 and switchable (CNN only: they need spatial
+  axes), gn+ws (group norm after weight-standardized layers), dyt (Dynamic Tanh). FRN and the
+  EvoNorms are normalization-activation layers: no ReLU follows them.
 - Batch sizes 1..128. At batch 1 the MLP has one value per channel, so batch/renorm cannot train
   there; those cells, ghost below 8 and instance norm in the MLP are not in the grid and read
   "n/a". The CNN's batch norm at batch 1 does train: its statistics are over the positions of
@@ -31,8 +35,8 @@ images per GPU to 34.7% at 2, group norm flat at about 24% (``PAPER`` below). He
   norms without running statistics), ``lr``; the runner adds ``status`` (ok/diverged/failed)
   and ``seconds``.
 - Quick grid (``--quick``): 2 seeds (so its verdicts read "undetermined"), batch sizes 1, 2, 8,
-  32, 128, the fixed-rate arm at 1 and 2, the CNN on 1600 training signals for 3 epochs, the MLP
-  for 5 epochs.
+  32, 128 (the competitors at 2 and 32 only), the fixed-rate arm at 1 and 2, the CNN on 1600
+  training signals for 3 epochs, the MLP for 5 epochs.
 
 Outputs: table.md (per model: rows norms, columns batch sizes, mean ± std test error in % over
 seeds, the paper's BN/GN rows beside; then the batch-statistics error and stat_error),
@@ -58,10 +62,20 @@ FIXED_LR_NORMS = ("none", "batch", "group", "layer")
 SMALL_BATCH = 2
 #: A difference of test error smaller than this (in points) is not an effect.
 MARGIN_POINTS = 1.0
-NORMS = {
-    "cnn1d": ("none", "batch", "renorm", "ghost", "group", "layer", "rms", "instance"),
-    "mlp": ("none", "batch", "renorm", "ghost", "group", "layer", "rms"),
+#: The batch-independent competitors (and EvoNorm-B0/switchable, which mix batch statistics in):
+#: each its paper's definition; FRN and the EvoNorms replace "norm + ReLU" (no ReLU after them);
+#: "gn+ws" is group norm after weight-standardized layers. B0 and switchable need spatial axes.
+COMPETITORS = {
+    "cnn1d": ("frn", "evonorm_s0", "evonorm_b0", "gn+ws", "switchable", "dyt"),
+    "mlp": ("frn", "evonorm_s0", "gn+ws", "dyt"),
 }
+NORMS = {
+    "cnn1d": ("none", "batch", "renorm", "ghost", "group", "layer", "rms", "instance",
+              *COMPETITORS["cnn1d"]),
+    "mlp": ("none", "batch", "renorm", "ghost", "group", "layer", "rms", *COMPETITORS["mlp"]),
+}
+#: The quick grid runs the competitors at these batch sizes only (small and the reference).
+QUICK_COMPETITOR_BATCH_SIZES = (2, 32)
 DATASET = {"cnn1d": "mnist1d", "mlp": "digits"}
 DATASET_NAME = {"cnn1d": "MNIST-1D", "mlp": "digits"}
 EPOCHS = {"cnn1d": 10, "mlp": 20}
@@ -135,16 +149,21 @@ def run(config: Config) -> dict[str, float]:
     return metrics
 
 
-def grid(batch_sizes, seeds, epochs, cnn_samples=None, fixed_lr_sizes=()) -> list[dict]:
-    """One part per (model, norm): the batch sizes where it applies, the model's epochs; and
-    per (model, norm in FIXED_LR_NORMS) the ``fixed_lr_sizes`` at ``lr_scaling="fixed"``."""
+def grid(batch_sizes, seeds, epochs, cnn_samples=None, fixed_lr_sizes=(),
+         competitor_sizes=None) -> list[dict]:
+    """One part per (model, norm): the batch sizes where it applies (the COMPETITORS only at
+    ``competitor_sizes`` if given), the model's epochs; and per (model, norm in FIXED_LR_NORMS)
+    the ``fixed_lr_sizes`` at ``lr_scaling="fixed"``."""
     parts = []
     for model in NORMS:
         fixed = {"epochs": [epochs[model]]}
         if model == "cnn1d" and cnn_samples is not None:
             fixed["mnist1d_samples"] = [cnn_samples]
         for norm in NORMS[model]:
-            sizes = [size for size in batch_sizes if applicable(model, norm, size)]
+            candidates = batch_sizes
+            if competitor_sizes is not None and norm in COMPETITORS[model]:
+                candidates = [size for size in batch_sizes if size in competitor_sizes]
+            sizes = [size for size in candidates if applicable(model, norm, size)]
             parts.append({"model": [model], "norm": [norm], "batch_size": sizes, **fixed,
                           "seed": list(seeds)})
             small = [size for size in fixed_lr_sizes if applicable(model, norm, size)]
@@ -320,6 +339,7 @@ def findings(frame) -> list[str]:
                 where = sorted(s for s, c in cells.items() if c[3])
                 lines[-1] += f" {diverged} run(s) diverged (batch sizes {where}), left out."
         lines += _recovery(stats, model)
+        lines += _competitor_lines(stats, model)
         lines += _statistics_lines(frame, model, stats)
         lines += _large_batch_lines(stats)
         lines += _paper_lines(stats)
@@ -348,6 +368,41 @@ def _recovery(stats, model) -> list[str]:
             verdict = "does not change it (no significant difference)"
         lines.append(f"- {label} against batch norm below {REFERENCE_BATCH}: "
                      f"{'; '.join(parts)}; it {verdict}.")
+    return lines
+
+
+def _competitor_lines(stats, model) -> list[str]:
+    """Each competitor at the reference batch size against group norm and batch norm there,
+    and its smallest batch size against group norm's (significance as in :func:`degradation`)."""
+    lines = []
+    ref = REFERENCE_BATCH
+    group, batch = stats.get("group", {}), stats.get("batch", {})
+
+    def against(cell, other, name):
+        if other is None or math.isnan(other[0]):
+            return None
+        if _significantly_worse(cell, other):
+            word = "worse than"
+        elif _significantly_worse(other, cell):
+            word = "better than"
+        else:
+            word = "level with"
+        return f"{word} {name} ({_fmt(other[0])})"
+
+    for norm in COMPETITORS[model]:
+        cells = stats.get(norm, {})
+        if ref not in cells or math.isnan(cells[ref][0]):
+            continue
+        parts = [p for p in (against(cells[ref], group.get(ref), "group"),
+                             against(cells[ref], batch.get(ref), "batch")) if p]
+        text = f"- **{norm}** at batch {ref}: {_fmt(cells[ref][0])}" + (
+            f", {' and '.join(parts)}" if parts else "")
+        smallest = min(cells)
+        if smallest < ref and not math.isnan(cells[smallest][0]):
+            compared = against(cells[smallest], group.get(smallest), "group")
+            text += f"; at batch {smallest}: {_fmt(cells[smallest][0])}" + (
+                f", {compared}" if compared else "")
+        lines.append(text + ".")
     return lines
 
 
@@ -598,7 +653,8 @@ STUDY = Study(
     config=Config,
     metrics=METRICS,
     grid_quick=grid(QUICK_BATCH_SIZES, range(2), QUICK_EPOCHS, cnn_samples=2000,
-                    fixed_lr_sizes=QUICK_FIXED_LR_BATCH_SIZES),
+                    fixed_lr_sizes=QUICK_FIXED_LR_BATCH_SIZES,
+                    competitor_sizes=QUICK_COMPETITOR_BATCH_SIZES),
     grid_full=grid(BATCH_SIZES, range(5), EPOCHS, fixed_lr_sizes=FIXED_LR_BATCH_SIZES),
     run=run,
     tables=tables,

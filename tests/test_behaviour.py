@@ -35,7 +35,8 @@ def _assert_same_snapshot(a, b):
 
 def test_available_lists_every_name():
     assert normkit.available() == sorted(
-        ["batch", "ghost", "renorm", "layer", "group", "instance", "rms", "none", "recurrent_batch"])
+        ["batch", "ghost", "renorm", "layer", "group", "instance", "rms", "none", "recurrent_batch",
+         "frn", "evonorm_s0", "evonorm_b0", "switchable", "dyt"])
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)

@@ -16,6 +16,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from ..kernels._jit import jit
+from ..kernels.pointwise import sigmoid
 
 # ---------------------------------------------------------------------------------------------
 # Dense, small batches (the BLAS call overhead dominates below ~64k multiply-adds)
@@ -170,13 +171,7 @@ def tanh_backward(y, dy, dx):                     # d tanh = 1 - tanh^2
         dx[i] = dy[i] * (1 - y[i] * y[i])
 
 
-@jit(inline=True)
-def _sigmoid(z):
-    # exp of a non-positive number only: no overflow for either sign
-    if z >= 0:
-        return 1 / (1 + math.exp(-z))
-    e = math.exp(z)
-    return e / (1 + e)
+_sigmoid = sigmoid                                  # one definition, shared with the norms
 
 
 @jit()

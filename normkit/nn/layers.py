@@ -7,6 +7,12 @@ Conventions (PyTorch's layouts, so results can be checked against it):
 - ``Conv1d``: x (N, C_in, L) -> (N, C_out, L_out); ``weight`` (C_out, C_in, K).
 - ``Conv2d``: x (N, C_in, H, W) -> (N, C_out, H_out, W_out); ``weight`` (C_out, C_in, KH, KW).
   L_out = (L + 2 * padding - K) // stride + 1, the same per spatial axis in 2-D.
+- ``weight_standardization=True`` (Dense, Conv1d, Conv2d; Qiao et al., 2019): the layer computes
+  with each output unit's weights standardized over its fan-in, W_hat = (W - mean) /
+  sqrt(var + ws_eps) (biased variance, eps inside the root as the paper's equation; timm's
+  StdConv2d takes eps 1e-6, the authors' code adds 1e-5 to the unbiased std); ``params["weight"]``
+  stays the raw W and its gradient flows through the standardization. ``effective_weight()``
+  is the weight the layer computes with. Paired with group norm it is "gn+ws".
 - Activations, ``Dropout``, ``Flatten`` and ``GlobalAvgPool`` have no parameters and take
   float32 or float64; layers with parameters take only their own ``dtype`` (float32 default).
 
@@ -26,6 +32,7 @@ from numbers import Integral, Real
 
 import numpy as np
 
+from ..norms import LayerNorm as _LayerNorm
 from . import _kernels as K
 from . import init as _init
 
@@ -146,6 +153,49 @@ class Layer:
         return ""
 
 
+class _Standardized:
+    """Weight standardization for a layer with ``params["weight"]`` of shape (out, *fan_in): the
+    statistics engine's layer norm (no affine) over each output unit's fan-in, through the
+    normalizers' interface."""
+
+    def _init_standardization(self, weight_standardization, ws_eps) -> None:
+        self.weight_standardization = _check_bool("weight_standardization", weight_standardization)
+        if isinstance(ws_eps, bool) or not isinstance(ws_eps, Real) or not 0 < ws_eps < np.inf:
+            raise ValueError(f"ws_eps must be a finite number > 0, got {ws_eps!r}")
+        self._standardizer = None
+        if self.weight_standardization:
+            fan_in = self.params["weight"].size // self.params["weight"].shape[0]
+            self._standardizer = _LayerNorm(fan_in, eps=ws_eps, affine=False, dtype=self.dtype)
+
+    def _weight_rows(self) -> np.ndarray:
+        weight = self.params["weight"]
+        return weight.reshape(weight.shape[0], -1)        # (out, fan_in)
+
+    def _standardize(self) -> np.ndarray:
+        """The (out, fan_in) weight to compute with; backward then needs :meth:`_unstandardize`."""
+        if self._standardizer is None:
+            return self._weight_rows()
+        return self._standardizer.forward(self._weight_rows(), training=True)
+
+    def _unstandardize(self, dweight_rows: np.ndarray) -> None:
+        """dL/dW_hat in ``dweight_rows`` (out, fan_in) becomes dL/dW, in place."""
+        if self._standardizer is not None:
+            dweight_rows[...] = self._standardizer.backward(dweight_rows)
+
+    def effective_weight(self) -> np.ndarray:
+        """The weight the layer computes with (standardized or not), a new array of the weight's
+        shape."""
+        if self._standardizer is None:
+            return self.params["weight"].copy()
+        return self._standardizer.forward(self._weight_rows(), training=False).reshape(
+            self.params["weight"].shape)
+
+    def _ws_describe(self) -> str:
+        if not self.weight_standardization:
+            return ""
+        return f", weight_standardization=True, ws_eps={self._standardizer.eps}"
+
+
 def _init_weight(shape: tuple, rng, init, init_scale) -> np.ndarray:
     if isinstance(init_scale, bool) or not isinstance(init_scale, Real):
         raise ValueError(f"init_scale must be a number, got {init_scale!r}")
@@ -159,15 +209,16 @@ def _init_weight(shape: tuple, rng, init, init_scale) -> np.ndarray:
 # Dense
 # ---------------------------------------------------------------------------------------------
 
-class Dense(Layer):
+class Dense(_Standardized, Layer):
     """y = x W^T + b: x (N, F_in) -> y (N, F_out), ``weight`` (F_out, F_in) as ``torch.nn.Linear``.
 
     ``init`` names a :mod:`normkit.nn.init` scheme (or is a callable with its signature) and
     ``init_scale`` its gain; the bias starts at zero. ``rng`` is a Generator or an int seed.
+    ``weight_standardization``/``ws_eps``: see the module docstring.
     """
 
     def __init__(self, in_features, out_features, *, rng, bias=True, init="he_uniform",
-                 init_scale=1.0, dtype=np.float32):
+                 init_scale=1.0, weight_standardization=False, ws_eps=1e-5, dtype=np.float32):
         super().__init__(dtype)
         self.in_features = _check_positive_int("in_features", in_features)
         self.out_features = _check_positive_int("out_features", out_features)
@@ -179,13 +230,14 @@ class Dense(Layer):
         else:                                       # a fixed zero bias keeps one kernel
             self._bias = np.zeros(self.out_features, self.dtype)
             self._dbias = np.zeros(self.out_features, self.dtype)
+        self._init_standardization(weight_standardization, ws_eps)
 
     def forward(self, x, training):
         _check_bool("training", training)
         x = self._check_array("x", x)
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"x must be (N, {self.in_features}) for this Dense, got shape {x.shape}")
-        weight = self.params["weight"]                                  # (F_out, F_in)
+        weight = self._weight = self._standardize()                     # (F_out, F_in)
         y = self._buffer("y", (x.shape[0], self.out_features), x.dtype)  # (N, F_out)
         if x is y or x.base is y:                   # our own last output fed back in
             x = x.copy()
@@ -200,7 +252,7 @@ class Dense(Layer):
     def backward(self, dy):
         x = self._last_forward()                                        # (N, F_in)
         dy = self._check_dy(dy, (x.shape[0], self.out_features), x.dtype)
-        weight, dweight = self.params["weight"], self.grads["weight"]
+        weight, dweight = self._weight, self.grads["weight"]
         dx = self._buffer("dx", x.shape, x.dtype)
         if x.shape[0] * self.in_features * self.out_features <= SMALL_DENSE_MACS:
             K.dense_backward(x, weight, dy, dweight, self._dbias, dx)
@@ -208,19 +260,20 @@ class Dense(Layer):
             np.matmul(dy.T, x, out=dweight)
             np.sum(dy, axis=0, out=self._dbias)
             np.matmul(dy, weight, out=dx)
+        self._unstandardize(dweight)
         return dx
 
     def _describe(self):
-        return f"{self.in_features}, {self.out_features}, bias={self.has_bias}"
+        return f"{self.in_features}, {self.out_features}, bias={self.has_bias}{self._ws_describe()}"
 
 
 # ---------------------------------------------------------------------------------------------
 # Convolution (im2col + BLAS; see _kernels.im2col). Conv1d runs the 2-D code with H = KH = 1.
 # ---------------------------------------------------------------------------------------------
 
-class _Conv(Layer):
+class _Conv(_Standardized, Layer):
     def __init__(self, in_channels, out_channels, kernel, stride, padding, *, rng, bias, init,
-                 init_scale, dtype):
+                 init_scale, weight_standardization, ws_eps, dtype):
         super().__init__(dtype)
         self.in_channels = _check_positive_int("in_channels", in_channels)
         self.out_channels = _check_positive_int("out_channels", out_channels)
@@ -235,6 +288,7 @@ class _Conv(Layer):
             self._bias = np.zeros(self.out_channels, self.dtype)
             self._dbias = np.zeros(self.out_channels, self.dtype)
         self._make_column_views()
+        self._init_standardization(weight_standardization, ws_eps)
 
     def _make_column_views(self) -> None:
         # (C_out, C_in * KH * KW) views of the weight and its gradient, for the matmuls
@@ -275,22 +329,24 @@ class _Conv(Layer):
         cols = self._buffer("cols", (self._weight_cols.shape[1], n_batch * n_pos), x.dtype)
         K.im2col(x4, kh, kw, sh, sw, ph, pw, cols)                      # (C*KH*KW, N*P)
         y_cols = self._buffer("y_cols", (self.out_channels, n_batch * n_pos), x.dtype)
-        np.matmul(self._weight_cols, cols, out=y_cols)                  # (C_out, N*P)
+        weight_cols = self._standardize()                               # (C_out, C*KH*KW)
+        np.matmul(weight_cols, cols, out=y_cols)                        # (C_out, N*P)
         y = self._buffer("y", self._output_shape(n_batch, out_h, out_w), x.dtype)
         K.columns_to_output(y_cols, self._bias, y.reshape(n_batch, self.out_channels, n_pos))
-        self._saved = (x, cols, y.shape)
+        self._saved = (x, cols, y.shape, weight_cols)
         return y
 
     def backward(self, dy):
-        x, cols, out_shape = self._last_forward()
+        x, cols, out_shape, weight_cols = self._last_forward()
         n_batch = x.shape[0]
         n_pos = cols.shape[1] // n_batch
         dy = self._check_dy(dy, out_shape, x.dtype)
         dy_cols = self._buffer("dy_cols", (self.out_channels, n_batch * n_pos), x.dtype)
         K.output_to_columns(dy.reshape(n_batch, self.out_channels, n_pos), dy_cols, self._dbias)
         np.matmul(dy_cols, cols.T, out=self._dweight_cols)              # (C_out, C*KH*KW)
+        self._unstandardize(self._dweight_cols)
         dcols = self._buffer("dcols", cols.shape, x.dtype)
-        np.matmul(self._weight_cols.T, dy_cols, out=dcols)              # (C*KH*KW, N*P)
+        np.matmul(weight_cols.T, dy_cols, out=dcols)                    # (C*KH*KW, N*P)
         dx = self._buffer("dx", x.shape, x.dtype)
         (kh, kw), (sh, sw), (ph, pw) = self._kernel, self._stride, self._padding
         K.col2im(dcols, kh, kw, sh, sw, ph, pw, self._as_4d(dx))
@@ -312,7 +368,8 @@ class Conv1d(_Conv):
     both ends) or "same" (stride 1, odd kernel)."""
 
     def __init__(self, in_channels, out_channels, kernel_size, *, stride=1, padding=0, rng,
-                 bias=True, init="he_uniform", init_scale=1.0, dtype=np.float32):
+                 bias=True, init="he_uniform", init_scale=1.0, weight_standardization=False,
+                 ws_eps=1e-5, dtype=np.float32):
         k = _check_positive_int("kernel_size", kernel_size)
         s = _check_positive_int("stride", stride)
         if padding == "same":
@@ -322,7 +379,8 @@ class Conv1d(_Conv):
         else:
             p = int(padding)
         super().__init__(in_channels, out_channels, (1, k), (1, s), (0, p), rng=rng, bias=bias,
-                         init=init, init_scale=init_scale, dtype=dtype)
+                         init=init, init_scale=init_scale,
+                         weight_standardization=weight_standardization, ws_eps=ws_eps, dtype=dtype)
 
     def _weight_kernel_shape(self):
         return (self._kernel[1],)
@@ -337,7 +395,8 @@ class Conv1d(_Conv):
 
     def _describe(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self._kernel[1]}, "
-                f"stride={self._stride[1]}, padding={self._padding[1]}, bias={self.has_bias}")
+                f"stride={self._stride[1]}, padding={self._padding[1]}, bias={self.has_bias}"
+                f"{self._ws_describe()}")
 
 
 class Conv2d(_Conv):
@@ -346,12 +405,14 @@ class Conv2d(_Conv):
     ``padding`` are ints or (h, w) pairs; ``padding="same"`` needs stride 1 and odd kernels."""
 
     def __init__(self, in_channels, out_channels, kernel_size, *, stride=1, padding=0, rng,
-                 bias=True, init="he_uniform", init_scale=1.0, dtype=np.float32):
+                 bias=True, init="he_uniform", init_scale=1.0, weight_standardization=False,
+                 ws_eps=1e-5, dtype=np.float32):
         kernel = _check_pair("kernel_size", kernel_size, 1)
         stride = _check_pair("stride", stride, 1)
         padding = _check_padding(padding, kernel, stride)
         super().__init__(in_channels, out_channels, kernel, stride, padding, rng=rng, bias=bias,
-                         init=init, init_scale=init_scale, dtype=dtype)
+                         init=init, init_scale=init_scale,
+                         weight_standardization=weight_standardization, ws_eps=ws_eps, dtype=dtype)
 
     def _weight_kernel_shape(self):
         return self._kernel
@@ -366,7 +427,8 @@ class Conv2d(_Conv):
 
     def _describe(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self._kernel}, "
-                f"stride={self._stride}, padding={self._padding}, bias={self.has_bias}")
+                f"stride={self._stride}, padding={self._padding}, bias={self.has_bias}"
+                f"{self._ws_describe()}")
 
 
 # ---------------------------------------------------------------------------------------------
