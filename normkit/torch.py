@@ -27,8 +27,12 @@ Double backward is not supported (the backward is ``once_differentiable``).
 - Threads: torch (its OpenMP pool) and Numba (its own OpenMP pool) run in one process. Each
   bridge call runs the kernels with ``numba.set_num_threads(n)`` and restores the previous count
   afterwards; ``n`` is :func:`get_num_threads` (default: ``torch.get_num_threads()``, capped at
-  ``numba.config.NUMBA_NUM_THREADS``; :func:`set_num_threads` fixes another number). The
-  benchmark ``benchmarks/torch_bridge.py`` measures the policies.
+  ``numba.config.NUMBA_NUM_THREADS``; :func:`set_num_threads` fixes another number). The LSTM
+  also runs matrix products in NumPy's and SciPy's OpenBLAS (two more thread pools): its calls
+  limit them to the same ``n`` with ``threadpoolctl`` (installed with the ``torch`` extra; without
+  it the BLAS pools keep their size — set ``OPENBLAS_NUM_THREADS``). ``torch.set_num_threads(1)``
+  thus makes the whole model single-threaded. ``benchmarks/torch_bridge.py`` measures the
+  policies.
 """
 from __future__ import annotations
 
@@ -92,6 +96,32 @@ def _run_with_threads(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     finally:
         numba.set_num_threads(previous)
+
+
+_blas = []                                 # [ThreadpoolController or None], made on first use
+
+
+def _blas_controller():
+    """threadpoolctl's controller of the loaded BLAS libraries (NumPy's, and SciPy's that Numba's
+    np.dot calls), or None without threadpoolctl."""
+    if not _blas:
+        try:
+            import scipy.linalg.cython_blas  # noqa: F401  (load the BLAS Numba calls first)
+            import threadpoolctl
+            _blas.append(threadpoolctl.ThreadpoolController())
+        except ImportError:
+            _blas.append(None)
+    return _blas[0]
+
+
+def _run_with_blas_threads(fn, *args, **kwargs):
+    """:func:`_run_with_threads` with the BLAS pools limited to the same number of threads (the
+    LSTM's matrix products; the norms call no BLAS)."""
+    controller = _blas_controller()
+    if controller is None:
+        return _run_with_threads(fn, *args, **kwargs)
+    with controller.limit(limits=get_num_threads(), user_api="blas"):
+        return _run_with_threads(fn, *args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,7 +435,7 @@ class _LSTMFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, module, training, mask, lengths, x, h0, c0, *params):
         lstm = module.lstm
-        out = _run_with_threads(
+        out = _run_with_blas_threads(
             lstm.forward, _array("x", x), training, mask=mask, lengths=lengths,
             h0=None if h0 is None else _array("h0", h0), c0=None if c0 is None else _array("c0", c0))
         ctx.token = module._pending = object()
@@ -426,7 +456,7 @@ class _LSTMFunction(torch.autograd.Function):
                 "torch.utils.checkpoint and repeated use in one step are not supported.")
         ctx.saved_tensors                      # torch's check for in-place changes
         lstm = module.lstm
-        dx = _run_with_threads(lstm.backward, _array("d_out", d_out))
+        dx = _run_with_blas_threads(lstm.backward, _array("d_out", d_out))
         module._pending = None
         grads = [torch.from_numpy(lstm.grads[key].copy()) for key in module._param_keys]
         dh0 = torch.from_numpy(lstm.dh0.copy()) if ctx.has_h0 else None

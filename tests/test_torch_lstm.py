@@ -132,3 +132,28 @@ def test_bad_input_is_refused_clearly():
         module(torch.ones(2, 2, D, dtype=torch.float64))
     with pytest.raises(ValueError, match="input_size=3"):
         module(torch.ones(2, 2, D + 1))
+
+
+def test_lstm_calls_limit_numba_and_blas_threads_to_torchs(monkeypatch):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import numba
+    module = nkt.LSTM(D, H)
+    seen = []
+    original = module.lstm.forward
+
+    def spy(*args, **kwargs):
+        blas = [i["num_threads"] for i in threadpoolctl.threadpool_info()
+                if i["user_api"] == "blas"]
+        seen.append((numba.get_num_threads(), blas))
+        return original(*args, **kwargs)
+    monkeypatch.setattr(module.lstm, "forward", spy)
+    torch_threads = torch.get_num_threads()
+    before = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+    try:
+        torch.set_num_threads(1)
+        module(torch.randn(3, 2, D))
+    finally:
+        torch.set_num_threads(torch_threads)
+    assert seen[0][0] == 1 and seen[0][1] and set(seen[0][1]) == {1}
+    after = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+    assert after[:len(before)] == before
