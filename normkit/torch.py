@@ -24,15 +24,21 @@ Double backward is not supported (the backward is ``once_differentiable``).
   the kernels want a C-contiguous input, so a non-contiguous one (a transpose, channels_last)
   is copied once by the norm's input check. Other devices and dtypes are refused with a
   ``TypeError`` naming what is supported.
-- Threads: torch (its OpenMP pool) and Numba (its own OpenMP pool) run in one process. Each
-  bridge call runs the kernels with ``numba.set_num_threads(n)`` and restores the previous count
-  afterwards; ``n`` is :func:`get_num_threads` (default: ``torch.get_num_threads()``, capped at
-  ``numba.config.NUMBA_NUM_THREADS``; :func:`set_num_threads` fixes another number). The LSTM
-  also runs matrix products in NumPy's and SciPy's OpenBLAS (two more thread pools): its calls
-  limit them to the same ``n`` with ``threadpoolctl`` (installed with the ``torch`` extra; without
-  it the BLAS pools keep their size — set ``OPENBLAS_NUM_THREADS``). ``torch.set_num_threads(1)``
-  thus makes the whole model single-threaded. ``benchmarks/torch_bridge.py`` measures the
-  policies.
+- Threads: torch (its OpenMP pool), Numba (its own OpenMP pool) and, for the LSTM, NumPy's and
+  SciPy's OpenBLAS (two more pools) run in one process. Each bridge call sets the Numba threads
+  (``numba.set_num_threads``) and restores the previous count afterwards:
+
+  - a norm's call runs with ``min(torch.get_num_threads(), NUMBA_NUM_THREADS)`` threads (its
+    kernels do one large parallel pass over channels per call);
+  - an LSTM call runs with 1 Numba thread and 1 BLAS thread (``threadpoolctl``, installed with
+    the ``torch`` extra; without it the BLAS pools keep their size — set
+    ``OPENBLAS_NUM_THREADS``): the fused kernels open a small parallel region at every time
+    step, and each one waited for cores that torch's OpenMP workers, spinning after torch's own
+    ops, were holding. Measured on 2 cores (``benchmarks/torch_bridge.py``): a BN-LSTM
+    classifier step took 140 ms with 2 Numba/BLAS threads and 19 ms with 1 (torch's own
+    BN-LSTM: 87 ms).
+
+  :func:`set_num_threads` fixes one number for both kinds of call (None: back to this policy).
 """
 from __future__ import annotations
 
@@ -66,8 +72,8 @@ _fixed_threads: int | None = None
 
 
 def set_num_threads(n: int | None) -> None:
-    """Numba threads for the bridge's kernels: an int in [1, NUMBA_NUM_THREADS], or None to
-    follow ``torch.get_num_threads()`` (the default)."""
+    """Numba (and, for the LSTM, BLAS) threads of every bridge call: an int in
+    [1, NUMBA_NUM_THREADS], or None for the default policy (the module docstring)."""
     global _fixed_threads
     if n is not None:
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) \
@@ -78,16 +84,17 @@ def set_num_threads(n: int | None) -> None:
     _fixed_threads = n
 
 
-def get_num_threads() -> int:
-    """The Numba threads the next bridge call runs its kernels with."""
+def get_num_threads(kind: str = "norm") -> int:
+    """The threads the next bridge call of ``kind`` ("norm" or "lstm") runs its kernels with."""
     if _fixed_threads is not None:
         return _fixed_threads
+    if kind == "lstm":
+        return 1
     return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
 
 
-def _run_with_threads(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)`` with :func:`get_num_threads` Numba threads, restored after."""
-    n = get_num_threads()
+def _run_with_threads(n: int, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with ``n`` Numba threads, the previous count restored after."""
     previous = numba.get_num_threads()
     if n == previous:
         return fn(*args, **kwargs)
@@ -114,14 +121,14 @@ def _blas_controller():
     return _blas[0]
 
 
-def _run_with_blas_threads(fn, *args, **kwargs):
-    """:func:`_run_with_threads` with the BLAS pools limited to the same number of threads (the
-    LSTM's matrix products; the norms call no BLAS)."""
+def _run_lstm(fn, *args, **kwargs):
+    """An LSTM call: Numba and the BLAS pools at ``get_num_threads("lstm")`` threads."""
+    n = get_num_threads("lstm")
     controller = _blas_controller()
     if controller is None:
-        return _run_with_threads(fn, *args, **kwargs)
-    with controller.limit(limits=get_num_threads(), user_api="blas"):
-        return _run_with_threads(fn, *args, **kwargs)
+        return _run_with_threads(n, fn, *args, **kwargs)
+    with controller.limit(limits=n, user_api="blas"):
+        return _run_with_threads(n, fn, *args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +193,8 @@ class _NormFunction(torch.autograd.Function):
     def forward(ctx, norm, param_keys, training, mask, x, *params):
         x_array = _array("x", x)
         mask_array = None if mask is None else _mask_array(mask)
-        y, saved = _run_with_threads(norm.forward_saved, x_array, training, mask=mask_array)
+        y, saved = _run_with_threads(get_num_threads(), norm.forward_saved, x_array, training,
+                                     mask=mask_array)
         tensors, ctx.layout = _pack(saved)
         # x and the parameters too: torch then refuses a backward after they were changed in place
         ctx.save_for_backward(x, *params, *tensors)
@@ -199,7 +207,8 @@ class _NormFunction(torch.autograd.Function):
         saved_tensors = ctx.saved_tensors
         params = saved_tensors[1:1 + len(ctx.param_keys)]
         saved = _unpack(saved_tensors[1 + len(ctx.param_keys):], ctx.layout)
-        dx, grads = _run_with_threads(ctx.norm.backward_saved, _array("dy", dy), saved)
+        dx, grads = _run_with_threads(get_num_threads(), ctx.norm.backward_saved,
+                                      _array("dy", dy), saved)
         param_grads = [torch.from_numpy(np.asarray(grads[key], _NUMPY_DTYPE[p.dtype]))
                        if key in grads else None for key, p in zip(ctx.param_keys, params)]
         return (None, None, None, None, torch.from_numpy(dx), *param_grads)
@@ -435,7 +444,7 @@ class _LSTMFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, module, training, mask, lengths, x, h0, c0, *params):
         lstm = module.lstm
-        out = _run_with_blas_threads(
+        out = _run_lstm(
             lstm.forward, _array("x", x), training, mask=mask, lengths=lengths,
             h0=None if h0 is None else _array("h0", h0), c0=None if c0 is None else _array("c0", c0))
         ctx.token = module._pending = object()
@@ -456,7 +465,7 @@ class _LSTMFunction(torch.autograd.Function):
                 "torch.utils.checkpoint and repeated use in one step are not supported.")
         ctx.saved_tensors                      # torch's check for in-place changes
         lstm = module.lstm
-        dx = _run_with_blas_threads(lstm.backward, _array("d_out", d_out))
+        dx = _run_lstm(lstm.backward, _array("d_out", d_out))
         module._pending = None
         grads = [torch.from_numpy(lstm.grads[key].copy()) for key in module._param_keys]
         dh0 = torch.from_numpy(lstm.dh0.copy()) if ctx.has_h0 else None

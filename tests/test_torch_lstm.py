@@ -134,9 +134,12 @@ def test_bad_input_is_refused_clearly():
         module(torch.ones(2, 2, D + 1))
 
 
-def test_lstm_calls_limit_numba_and_blas_threads_to_torchs(monkeypatch):
+@pytest.mark.parametrize("fixed", [None, 2])
+def test_lstm_calls_run_numba_and_blas_single_threaded_unless_fixed(monkeypatch, fixed):
     threadpoolctl = pytest.importorskip("threadpoolctl")
     import numba
+    if fixed is not None and fixed > numba.config.NUMBA_NUM_THREADS:
+        pytest.skip("needs 2 Numba threads")
     module = nkt.LSTM(D, H)
     seen = []
     original = module.lstm.forward
@@ -144,16 +147,17 @@ def test_lstm_calls_limit_numba_and_blas_threads_to_torchs(monkeypatch):
     def spy(*args, **kwargs):
         blas = [i["num_threads"] for i in threadpoolctl.threadpool_info()
                 if i["user_api"] == "blas"]
-        seen.append((numba.get_num_threads(), blas))
+        seen.append((numba.get_num_threads(), set(blas)))
         return original(*args, **kwargs)
     monkeypatch.setattr(module.lstm, "forward", spy)
-    torch_threads = torch.get_num_threads()
     before = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+    numba_before = numba.get_num_threads()
     try:
-        torch.set_num_threads(1)
+        nkt.set_num_threads(fixed)
         module(torch.randn(3, 2, D))
     finally:
-        torch.set_num_threads(torch_threads)
-    assert seen[0][0] == 1 and seen[0][1] and set(seen[0][1]) == {1}
+        nkt.set_num_threads(None)
+    want = 1 if fixed is None else fixed
+    assert seen == [(want, {want})]
     after = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
-    assert after[:len(before)] == before
+    assert after[:len(before)] == before and numba.get_num_threads() == numba_before
