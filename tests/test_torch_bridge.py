@@ -384,3 +384,24 @@ def test_kernels_run_with_the_thread_policy_and_restore_numba_threads(monkeypatc
     assert numba.get_num_threads() == outside
     with pytest.raises(ValueError, match="NUMBA_NUM_THREADS"):
         nkt.set_num_threads(0)
+
+
+def test_strided_inputs_and_a_deep_copy():
+    """channels_last and transposed (non-contiguous) inputs give torch's results; a deep copy of
+    the module runs on its own tensors."""
+    import copy
+    ours, theirs, shape = _pair("BatchNorm2d", torch.float64)
+    x = torch.randn(shape, dtype=torch.float64)
+    for xs in (x.contiguous(memory_format=torch.channels_last),
+               x.transpose(2, 3).contiguous().transpose(2, 3)):
+        assert not xs.is_contiguous()
+        a, b = xs.clone().requires_grad_(True), xs.clone().requires_grad_(True)
+        ya, yb = ours(a), theirs(b)
+        torch.testing.assert_close(ya, yb, **TOL[torch.float64])
+        ya.backward(torch.ones_like(ya) + x)
+        yb.backward(torch.ones_like(yb) + x)
+        torch.testing.assert_close(a.grad, b.grad, **TOL[torch.float64])
+    twin = copy.deepcopy(ours)
+    twin(x * 3 + 1)
+    assert not torch.equal(twin.running_mean, ours.running_mean)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, **TOL[torch.float64])
