@@ -441,32 +441,62 @@ class RMSNorm(NormModule):
 # ---------------------------------------------------------------------------------------------
 
 class _LSTMFunction(torch.autograd.Function):
+    """The LSTM through normkit.nn.LSTM's public forward/backward. That layer keeps what backward
+    needs for its last forward only: the backward of an earlier call first replays that call's
+    forward (same inputs, parameters and, in evaluation, running statistics; the running
+    statistics are put back afterwards), as ``torch.utils.checkpoint`` does."""
+
     @staticmethod
     def forward(ctx, module, training, mask, lengths, x, h0, c0, *params):
         lstm = module.lstm
-        out = _run_lstm(
-            lstm.forward, _array("x", x), training, mask=mask, lengths=lengths,
-            h0=None if h0 is None else _array("h0", h0), c0=None if c0 is None else _array("c0", c0))
+        # evaluation reads the running statistics: keep them for a replay
+        ctx.state = None if training else {k: v.copy() for k, v in lstm.state.items()}
+        ctx.noise = training and h0 is None and lstm.h0_noise_std > 0
+        out = _LSTMFunction._forward(lstm, training, mask, lengths, x, h0, c0)
         ctx.token = module._pending = object()
-        ctx.module = module
+        ctx.module, ctx.training, ctx.mask, ctx.lengths = module, training, mask, lengths
         ctx.has_h0, ctx.has_c0 = h0 is not None, c0 is not None
-        ctx.save_for_backward(x, *params)      # refused if changed in place before backward
+        # torch refuses the backward if any of them was changed in place since
+        ctx.save_for_backward(x, h0, c0, *params)
         return torch.from_numpy(out)
+
+    @staticmethod
+    def _forward(lstm, training, mask, lengths, x, h0, c0):
+        return _run_lstm(lstm.forward, _array("x", x), training, mask=mask, lengths=lengths,
+                         h0=None if h0 is None else _array("h0", h0),
+                         c0=None if c0 is None else _array("c0", c0))
+
+    @staticmethod
+    def _replay(ctx, x, h0, c0):
+        if ctx.noise:
+            raise RuntimeError(
+                "normkit.torch.LSTM: this backward belongs to an earlier call of the module, which "
+                "drew a random h0 (h0_noise_std > 0) that cannot be replayed; pass h0 explicitly "
+                "to call the module several times before backward (or under checkpointing)")
+        lstm = ctx.module.lstm
+        state = lstm.state
+        current = {k: v.copy() for k, v in state.items()}
+        if ctx.state is not None and any(state[k].shape != v.shape for k, v in ctx.state.items()):
+            raise RuntimeError("normkit.torch.LSTM: the running statistics grew since this call; "
+                               "run its backward before training on longer sequences")
+        try:
+            for k, v in (ctx.state or {}).items():
+                state[k][...] = v
+            _LSTMFunction._forward(lstm, ctx.training, ctx.mask, ctx.lengths, x, h0, c0)
+        finally:
+            for k, v in current.items():
+                state[k][...] = v
+        ctx.module._pending = ctx.token
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out):
         module = ctx.module
-        if module._pending is not ctx.token:
-            raise RuntimeError(
-                "normkit.torch.LSTM: this backward belongs to an earlier call of the module, and "
-                "normkit.nn.LSTM keeps what backward needs for its last forward only. Run "
-                "backward before calling the module again (or use one module per use); "
-                "torch.utils.checkpoint and repeated use in one step are not supported.")
-        ctx.saved_tensors                      # torch's check for in-place changes
+        x, h0, c0, *_ = ctx.saved_tensors
+        if module._pending is not ctx.token:   # the layer holds another call's saved values
+            _LSTMFunction._replay(ctx, x, h0, c0)
         lstm = module.lstm
         dx = _run_lstm(lstm.backward, _array("d_out", d_out))
-        module._pending = None
         grads = [torch.from_numpy(lstm.grads[key].copy()) for key in module._param_keys]
         dh0 = torch.from_numpy(lstm.dh0.copy()) if ctx.has_h0 else None
         dc0 = torch.from_numpy(lstm.dc0.copy()) if ctx.has_c0 else None
@@ -494,9 +524,12 @@ class LSTM(torch.nn.Module):
 
     The parameters and buffers are the normkit layer's arrays (shared memory): an optimizer's
     in-place step reaches the kernels directly. The dtype is fixed at construction (``dtype``).
-    normkit.nn.LSTM keeps the saved values of its last forward only, so calling the module again
-    before the backward of an earlier call makes that backward raise a ``RuntimeError`` (never a
-    wrong gradient); ``torch.utils.checkpoint`` and several uses in one step are not supported.
+    normkit.nn.LSTM keeps the saved values of its last forward only: the backward of an earlier
+    call (the module used several times in a step, ``torch.utils.checkpoint``, ``gradcheck``)
+    first replays that call's forward (its cost once more) and then puts the running statistics
+    back as they were. A call that drew a random h0 (``h0_noise_std`` > 0 in training without
+    ``h0``) cannot be replayed: its backward then raises a ``RuntimeError``, never a wrong
+    gradient.
     """
 
     def __init__(self, input_size, hidden_size, norm="none", batch_first=False, *, dtype=None,

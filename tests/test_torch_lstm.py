@@ -1,6 +1,6 @@
 """normkit.torch.LSTM: the torch module around normkit.nn.LSTM against the torch-autograd
-LSTMCell-style oracle of test_lstm.py, torch.nn.LSTM (gate order and layout), batch_first, and the
-guard against a second call before backward."""
+LSTMCell-style oracle of test_lstm.py, torch.nn.LSTM (gate order and layout), gradcheck,
+batch_first, repeated use in one step (the replay), checkpointing and the thread policy."""
 from __future__ import annotations
 
 import numpy as np
@@ -110,12 +110,70 @@ def test_batch_first_and_lengths():
     assert last(torch.randn(T, N, D)).shape == (N, H)
 
 
-def test_a_second_call_before_backward_raises_instead_of_a_wrong_gradient():
-    module = _module("recurrent_batch", 4)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("norm", NORMS)
+def test_gradcheck(norm, training):
+    """gradcheck calls the module many times before the backward of its first call: that
+    backward replays the call (and, in evaluation, its running statistics)."""
+    T, N = 3, 4
+    module = _module(norm, T).train(training)
+    if norm == "recurrent_batch":              # non-trivial running statistics for evaluation
+        module.train(True)(torch.randn(T, N, D, dtype=torch.float64) * 2 + 1)
+        module.train(training)
+    x, h0, c0 = (torch.tensor(a, requires_grad=True) for a in _inputs(T, N))
+    params = tuple(module.parameters())
+    fn = lambda x, h0, c0, *params: module(x, h0=h0, c0=c0)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, h0, c0, *params), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("modes", [(True, True), (False, False), (False, True)],
+                         ids=["train-train", "eval-eval", "eval-train"])
+def test_module_used_twice_in_one_step_sums_both_gradients(modes):
+    """Two calls, then one backward through both: the gradients of each call computed alone
+    (forward, backward, forward, backward), summed; running statistics as after two calls.
+    eval-train: the replay of the evaluation call uses the running statistics of its time."""
+    T, N = 4, 5
+    rng = np.random.default_rng(5)
+    x1, x2 = (torch.from_numpy(rng.standard_normal((T, N, D)) * s) for s in (1, 2))
+    g1, g2 = (torch.from_numpy(rng.standard_normal((T, N, H))) for _ in range(2))
+    results = []
+    for together in (True, False):
+        module = _module("recurrent_batch", T)
+        module.train(True)(x1 * 3)             # running statistics for evaluation
+        a, b = x1.clone().requires_grad_(True), x2.clone().requires_grad_(True)
+        if together:
+            ya, yb = module.train(modes[0])(a), module.train(modes[1])(b)
+            ((ya * g1).sum() + (yb * g2).sum()).backward()
+        else:
+            (module.train(modes[0])(a) * g1).sum().backward()
+            (module.train(modes[1])(b) * g2).sum().backward()
+        results.append((a.grad, b.grad, *(p.grad for p in module.parameters()),
+                        *(v.clone() for v in module.buffers())))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_checkpoint_gives_the_gradients_of_the_plain_graph():
+    from torch.utils.checkpoint import checkpoint
+    T, N = 4, 5
+    x = torch.randn(T, N, D, dtype=torch.float64)
+    results = []
+    for use_checkpoint in (True, False):
+        module = _module("layer", T)
+        xr = x.clone().requires_grad_(True)
+        y = checkpoint(module, xr, use_reentrant=False) if use_checkpoint else module(xr)
+        (y ** 2).sum().backward()
+        results.append((xr.grad, *(p.grad for p in module.parameters())))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_a_call_with_random_h0_cannot_be_replayed_and_says_so():
+    module = _module("recurrent_batch", 4, h0_noise_std=0.1)
     x1, x2 = (torch.randn(4, 3, D, dtype=torch.float64, requires_grad=True) for _ in range(2))
     y1 = module(x1)
     y2 = module(x2)
-    with pytest.raises(RuntimeError, match="earlier call of the module"):
+    with pytest.raises(RuntimeError, match="random h0"):
         (y1.sum() + y2.sum()).backward()
     y1 = module(x1)                            # call, backward, call, backward: fine
     y1.sum().backward()
