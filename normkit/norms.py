@@ -162,7 +162,9 @@ class Norm:
     Subclasses implement ``_check(x, training)`` (raise on bad input), ``_forward(x, training,
     mask, out)`` returning ``(y, saved, commit)`` and ``_backward(dy, saved, out)`` returning
     ``(dx, grads)``. ``commit`` (a callable or None) writes the new state; it runs only after
-    the kernel succeeded, so a refused or failed call leaves the state as it was.
+    the kernel succeeded, so a refused or failed call leaves the state as it was. A subclass
+    with checks of its own overrides ``forward_saved`` (ending in ``return self._run(...)``),
+    not ``forward``: ``forward`` keeps what ``forward_saved`` returns.
     """
 
     name = "norm"
