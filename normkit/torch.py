@@ -21,8 +21,10 @@ Double backward is not supported (the backward is ``once_differentiable``).
   an optimizer's in-place step are seen by the next call.
 - Tensors: CPU, ``torch.float32`` or ``torch.float64``, any strides. A tensor becomes an array
   with ``tensor.detach().numpy()`` and a result a tensor with ``torch.from_numpy`` (no copy);
-  the kernels want a C-contiguous input, so a non-contiguous one (a transpose, channels_last)
-  is copied once by the norm's input check. Other devices and dtypes are refused with a
+  a channels_last tensor (``torch.channels_last``, or any (N, *spatial, C)-contiguous layout)
+  goes to batch, ghost, renorm, group and instance norm as it lies in memory (their ``axis=-1``
+  kernels) and comes back channels_last, as torch's; another non-contiguous input is copied
+  once to C order by the norm's input check. Other devices and dtypes are refused with a
   ``TypeError`` naming what is supported.
 - Threads: torch (its OpenMP pool), Numba (its own OpenMP pool) and, for the LSTM, NumPy's and
   SciPy's OpenBLAS (two more pools) run in one process. Each bridge call sets the Numba threads
@@ -247,8 +249,10 @@ class NormModule(torch.nn.Module):
         self._args, self._options = args, options
         np_dtype = _numpy_dtype(dtype)
         norm = self._build(np_dtype)
-        self._norms = {np_dtype: norm}
-        self._bound = {}                       # dtype -> the tensors its norm's arrays view
+        self._norms = {(np_dtype, False): norm}       # (dtype, channels_last) -> its Norm
+        self._bound = {}                       # same keys -> the tensors its norm's arrays view
+        # a channel norm at axis 1 also runs channels-last tensors in place, with axis=-1
+        self._runs_channels_last = getattr(norm, "axis", None) == 1 and "axis" not in options
         self._param_keys = tuple(norm.params)
         for key, value in norm.params.items():
             self.register_parameter(_TORCH_NAMES.get(key, key),
@@ -260,9 +264,21 @@ class NormModule(torch.nn.Module):
     def _options_for(self, np_dtype) -> dict:
         return self._options
 
-    def _build(self, np_dtype) -> _norms.Norm:
-        return _norms.make(self.norm_name, *self._args, dtype=np_dtype,
-                           **self._options_for(np_dtype))
+    def _build(self, np_dtype, channels_last=False) -> _norms.Norm:
+        options = self._options_for(np_dtype)
+        if channels_last:
+            options = {**options, "axis": -1}
+        return _norms.make(self.norm_name, *self._args, dtype=np_dtype, **options)
+
+    @staticmethod
+    def _copy_settings(source: _norms.Norm, norm: _norms.Norm) -> None:
+        """Scalar settings changed on ``module.norm`` (``r_max``, ``momentum``...) reach the
+        module's other norms (channels-last; another dtype, except ``eps``, which may depend
+        on the dtype)."""
+        skip = ("axis",) if source.dtype == norm.dtype else ("axis", "eps")
+        for k, v in vars(source).items():
+            if k not in skip and isinstance(v, (bool, int, float, str)):
+                setattr(norm, k, v)
 
     def _tensors(self):
         """(params, state): the module's tensors in the norm's key order."""
@@ -271,7 +287,7 @@ class NormModule(torch.nn.Module):
         return params, state
 
     def _state_keys(self):
-        return tuple(next(iter(self._norms.values())).state)
+        return tuple(self._norms[next(iter(self._norms))].state)
 
     def _dtype(self, x) -> np.dtype:
         params, state = self._tensors()
@@ -286,38 +302,44 @@ class NormModule(torch.nn.Module):
                             f".double()")
         return _NUMPY_DTYPE[floats[0].dtype]
 
-    def _norm_for(self, np_dtype) -> _norms.Norm:
-        """The norm of ``np_dtype``, its params/state arrays viewing the module's tensors."""
-        norm = self._norms.get(np_dtype)
+    def _norm_for(self, np_dtype, channels_last=False) -> _norms.Norm:
+        """The norm of ``np_dtype`` (and layout), its params/state arrays viewing the module's
+        tensors."""
+        key = (np_dtype, channels_last)
+        norm = self._norms.get(key)
         if norm is None:
-            norm = self._norms[np_dtype] = self._build(np_dtype)
+            norm = self._norms[key] = self._build(np_dtype, channels_last)
+            self._copy_settings(next(iter(self._norms.values())), norm)
+        elif channels_last and (np_dtype, False) in self._norms:
+            self._copy_settings(self._norms[(np_dtype, False)], norm)
         params, state = self._tensors()
-        key = tuple((t.data_ptr(), t.shape) for t in (*params, *state))
-        bound = self._bound.get(np_dtype)
-        if bound is None or bound[0] != key:
+        pointers = tuple((t.data_ptr(), t.shape) for t in (*params, *state))
+        bound = self._bound.get(key)
+        if bound is None or bound[0] != pointers:
             for k, t in zip(self._param_keys, params):
                 norm.params[k] = t.detach().numpy()
             for k, t in zip(self._state_keys(), state):
                 norm.state[k] = t.detach().numpy()
-            self._bound[np_dtype] = (key, tuple(norm.state.values()))
+            self._bound[key] = (pointers, tuple(norm.state.values()))
         return norm
 
     @property
     def norm(self) -> _norms.Norm:
-        """The normkit Norm that runs this module's current dtype."""
+        """The normkit Norm that runs this module's current dtype (channels-first layout; its
+        scalar settings are copied to the channels-last one)."""
         params, state = self._tensors()
         floats = [t for t in (*params, *state) if t.is_floating_point()]
         return self._norm_for(_NUMPY_DTYPE[floats[0].dtype] if floats
-                              else next(iter(self._norms)))
+                              else next(iter(self._norms))[0])
 
-    def _sync_state(self, norm) -> None:
+    def _sync_state(self, norm, key) -> None:
         """A norm that replaced a state array (recurrent_batch with grow=True): adopt it."""
-        arrays = self._bound[norm.dtype][1]
+        arrays = self._bound[key][1]
         if all(map(operator.is_, norm.state.values(), arrays)):
             return
         for k, array in norm.state.items():
             setattr(self, k, torch.from_numpy(array))
-        self._bound.pop(norm.dtype)
+        self._bound.pop(key)
 
     # -- torch --------------------------------------------------------------------------------
     def forward(self, x, mask=None):
@@ -325,10 +347,19 @@ class NormModule(torch.nn.Module):
         if self._input_ndims is not None and x.dim() not in self._input_ndims:
             raise ValueError(f"{type(self).__name__} expects {' or '.join(map(str, self._input_ndims))}"
                              f"-D input, got {x.dim()}-D input of shape {tuple(x.shape)}")
-        norm = self._norm_for(self._dtype(x))
+        dtype = self._dtype(x)
         params, _ = self._tensors()
+        d = x.dim()
+        if self._runs_channels_last and d >= 3 and not x.is_contiguous():
+            last = x.permute(0, *range(2, d), 1)             # (N, *spatial, C)
+            if last.is_contiguous():                         # channels_last: no copy
+                norm = self._norm_for(dtype, True)
+                y = _NormFunction.apply(norm, self._param_keys, self.training, mask, last, *params)
+                self._sync_state(norm, (dtype, True))
+                return y.permute(0, d - 1, *range(1, d - 1))
+        norm = self._norm_for(dtype)
         y = _NormFunction.apply(norm, self._param_keys, self.training, mask, x, *params)
-        self._sync_state(norm)
+        self._sync_state(norm, (dtype, False))
         return y
 
     def extra_repr(self) -> str:

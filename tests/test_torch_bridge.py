@@ -405,3 +405,54 @@ def test_strided_inputs_and_a_deep_copy():
     twin(x * 3 + 1)
     assert not torch.equal(twin.running_mean, ours.running_mean)
     torch.testing.assert_close(ours.running_mean, theirs.running_mean, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("case", ["BatchNorm2d", "GroupNorm", "InstanceNorm2d-affine", "BatchNorm3d"])
+def test_channels_last_runs_in_place_and_comes_back_channels_last(case, monkeypatch):
+    """A channels_last input reaches the kernels without a copy (the axis=-1 view of its memory)
+    and gives torch's output (channels_last too), gradients and running statistics."""
+    ours, theirs, shape = _pair(case, torch.float64)
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).contiguous(memory_format=fmt)
+    seen = []
+    original = normkit.Norm.forward_saved
+
+    def spy(self, x_array, *args, **kwargs):
+        seen.append((self.axis, x_array))
+        return original(self, x_array, *args, **kwargs)
+    monkeypatch.setattr(normkit.Norm, "forward_saved", spy)
+    for step in range(2):
+        a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        assert a.is_contiguous(memory_format=fmt)
+        seen.clear()
+        ya, yb = ours(a), theirs(b)
+        [(axis, array)] = seen
+        assert axis == -1 and np.shares_memory(array, a.detach().numpy())     # no copy
+        assert ya.is_contiguous(memory_format=fmt)
+        dy = torch.randn_like(yb)
+        ya.backward(dy)
+        yb.backward(dy)
+        torch.testing.assert_close(ya, yb, **TOL[torch.float64])
+        torch.testing.assert_close(a.grad, b.grad, **TOL[torch.float64])
+        for key, value in theirs.state_dict().items():
+            torch.testing.assert_close(ours.state_dict()[key], value, **TOL[torch.float64])
+
+
+def test_channels_last_masked_batch_norm_and_settings_follow_module_norm():
+    """Masks work in the channels-last path, and renorm's r_max set on module.norm reaches it."""
+    x = torch.randn(4, 3, 5, 6, dtype=torch.float64) * 2 + 1
+    mask = torch.rand(4, 5, 6) < 0.7
+    for name in ("batch", "renorm"):
+        first, last = (nkt.make(name, 3, dtype=torch.float64) for _ in range(2))
+        for module in (first, last):
+            if name == "renorm":
+                module.norm.r_max = 1.0
+                module.norm.d_max = 0.0
+            module(x * 0.5)                    # running statistics away from the start
+        y_first = first(x, mask=mask)
+        y_last = last(x.contiguous(memory_format=torch.channels_last), mask=mask)
+        torch.testing.assert_close(y_last, y_first, **TOL[torch.float64])
+        torch.testing.assert_close(last.running_var, first.running_var, **TOL[torch.float64])
+    plain = nkt.make("batch", 3, dtype=torch.float64)
+    plain(x * 0.5)
+    torch.testing.assert_close(y_last, plain(x, mask=mask), **TOL[torch.float64])  # r=1, d=0
