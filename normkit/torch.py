@@ -171,12 +171,14 @@ def _pack(saved: tuple):
     ("v", value) for scalars and read-only constants."""
     tensors, layout = [], []
     for item in saved:
-        if isinstance(item, np.ndarray) and item.flags.writeable and item.dtype != object \
-                and all(s >= 0 for s in item.strides):
-            layout.append(("t", len(tensors)))
-            tensors.append(torch.from_numpy(item))
-        else:
-            layout.append(("v", item))
+        if type(item) is np.ndarray and item.flags.writeable:
+            try:                               # not: negative strides, object dtype
+                tensors.append(torch.from_numpy(item))
+                layout.append(("t", len(tensors) - 1))
+                continue
+            except (TypeError, ValueError):
+                pass
+        layout.append(("v", item))
     return tensors, tuple(layout)
 
 
@@ -282,29 +284,30 @@ class NormModule(torch.nn.Module):
 
     def _tensors(self):
         """(params, state): the module's tensors in the norm's key order."""
-        params = [getattr(self, _TORCH_NAMES.get(k, k)) for k in self._param_keys]
-        state = [getattr(self, k) for k in self._state_keys()]
-        return params, state
+        parameters, buffers = self._parameters, self._buffers
+        return ([parameters[_TORCH_NAMES.get(k, k)] for k in self._param_keys],
+                [buffers[k] for k in self._state_keys()])
 
     def _state_keys(self):
         return tuple(self._norms[next(iter(self._norms))].state)
 
-    def _dtype(self, x) -> np.dtype:
-        params, state = self._tensors()
+    def _dtype(self, x, params, state) -> np.dtype:
         floats = [t for t in (*params, *state) if t.is_floating_point()]
         if not floats:
             return _NUMPY_DTYPE[x.dtype]
-        for t in floats:
-            _check_tensor("a parameter or buffer", t)
+        if floats[0].dtype not in _NUMPY_DTYPE:
+            raise TypeError(f"this module's parameters and buffers are {floats[0].dtype}: "
+                            f"normkit.torch supports {SUPPORTED}; convert the module with "
+                            f".float() or .double()")
         if x.dtype != floats[0].dtype:
             raise TypeError(f"x has dtype {x.dtype} but this module's parameters and buffers are "
                             f"{floats[0].dtype}; convert x, or the module with .float() / "
                             f".double()")
         return _NUMPY_DTYPE[floats[0].dtype]
 
-    def _norm_for(self, np_dtype, channels_last=False) -> _norms.Norm:
+    def _norm_for(self, np_dtype, channels_last=False, tensors=None) -> _norms.Norm:
         """The norm of ``np_dtype`` (and layout), its params/state arrays viewing the module's
-        tensors."""
+        tensors (``tensors``: ``_tensors()`` if the caller has them)."""
         key = (np_dtype, channels_last)
         norm = self._norms.get(key)
         if norm is None:
@@ -312,10 +315,13 @@ class NormModule(torch.nn.Module):
             self._copy_settings(next(iter(self._norms.values())), norm)
         elif channels_last and (np_dtype, False) in self._norms:
             self._copy_settings(self._norms[(np_dtype, False)], norm)
-        params, state = self._tensors()
+        params, state = self._tensors() if tensors is None else tensors
         pointers = tuple((t.data_ptr(), t.shape) for t in (*params, *state))
         bound = self._bound.get(key)
         if bound is None or bound[0] != pointers:
+            for t in (*params, *state):
+                if t.is_floating_point() or t.device.type != "cpu":
+                    _check_tensor("each parameter and buffer of the module", t)
             for k, t in zip(self._param_keys, params):
                 norm.params[k] = t.detach().numpy()
             for k, t in zip(self._state_keys(), state):
@@ -347,17 +353,18 @@ class NormModule(torch.nn.Module):
         if self._input_ndims is not None and x.dim() not in self._input_ndims:
             raise ValueError(f"{type(self).__name__} expects {' or '.join(map(str, self._input_ndims))}"
                              f"-D input, got {x.dim()}-D input of shape {tuple(x.shape)}")
-        dtype = self._dtype(x)
-        params, _ = self._tensors()
+        tensors = self._tensors()
+        params = tensors[0]
+        dtype = self._dtype(x, *tensors)
         d = x.dim()
         if self._runs_channels_last and d >= 3 and not x.is_contiguous():
             last = x.permute(0, *range(2, d), 1)             # (N, *spatial, C)
             if last.is_contiguous():                         # channels_last: no copy
-                norm = self._norm_for(dtype, True)
+                norm = self._norm_for(dtype, True, tensors)
                 y = _NormFunction.apply(norm, self._param_keys, self.training, mask, last, *params)
                 self._sync_state(norm, (dtype, True))
                 return y.permute(0, d - 1, *range(1, d - 1))
-        norm = self._norm_for(dtype)
+        norm = self._norm_for(dtype, False, tensors)
         y = _NormFunction.apply(norm, self._param_keys, self.training, mask, x, *params)
         self._sync_state(norm, (dtype, False))
         return y

@@ -456,3 +456,12 @@ def test_channels_last_masked_batch_norm_and_settings_follow_module_norm():
     plain = nkt.make("batch", 3, dtype=torch.float64)
     plain(x * 0.5)
     torch.testing.assert_close(y_last, plain(x, mask=mask), **TOL[torch.float64])  # r=1, d=0
+
+
+def test_a_module_converted_to_an_unsupported_dtype_or_device_is_refused():
+    module = nkt.BatchNorm1d(3).half()
+    with pytest.raises(TypeError, match="parameters and buffers are torch.float16"):
+        module(torch.ones(4, 3))
+    module = nkt.BatchNorm1d(3).to("meta")
+    with pytest.raises(TypeError, match="device meta"):
+        module(torch.ones(4, 3))
