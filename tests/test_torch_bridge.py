@@ -95,9 +95,10 @@ def test_every_norm_matches_the_numpy_interface_over_steps(name):
     module = nkt.make(name, num_features, dtype=torch.float64, **options)
     norm = normkit.make(name, num_features, dtype=np.float64, **options)
     _randomize(module)
-    for key, torch_key in (("gamma", "weight"), ("beta", "bias")):
-        if key in norm.params:
-            norm.params[key][...] = getattr(module, torch_key).detach().numpy()
+    names = {key: nkt._TORCH_NAMES.get(key, key) for key in norm.params}   # gamma -> weight...
+    assert sorted(names.values()) == sorted(n for n, _ in module.named_parameters())
+    for key, torch_key in names.items():
+        norm.params[key][...] = getattr(module, torch_key).detach().numpy()
     rng = np.random.default_rng(1)
     for step, training in enumerate([True, True, True, False]):
         xs = torch.from_numpy(x.numpy() * (1 + step) + step).requires_grad_(True)
@@ -110,10 +111,9 @@ def test_every_norm_matches_the_numpy_interface_over_steps(name):
         np.testing.assert_array_equal(y.detach().numpy(), norm.forward(xs.detach().numpy(),
                                                                         training, **kwargs))
         np.testing.assert_array_equal(xs.grad.numpy(), norm.backward(dy))
-        for key, torch_key in (("gamma", "weight"), ("beta", "bias")):
-            if key in norm.grads:
-                np.testing.assert_array_equal(getattr(module, torch_key).grad.numpy(),
-                                              norm.grads[key], err_msg=key)
+        for key, torch_key in names.items():
+            np.testing.assert_array_equal(getattr(module, torch_key).grad.numpy(),
+                                          norm.grads[key], err_msg=key)
         for key, value in norm.state.items():
             np.testing.assert_array_equal(getattr(module, key).numpy(), value, err_msg=key)
 
