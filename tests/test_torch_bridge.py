@@ -465,3 +465,15 @@ def test_a_module_converted_to_an_unsupported_dtype_or_device_is_refused():
     module = nkt.BatchNorm1d(3).to("meta")
     with pytest.raises(TypeError, match="device meta"):
         module(torch.ones(4, 3))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", list(TORCH_PAIRS))
+def test_gradcheck_torch_named_modules(case, training):
+    ours, theirs, shape = _pair(case, torch.float64)
+    ours.train(True)(torch.randn(shape, dtype=torch.float64) * 2 + 1)    # running statistics
+    ours.train(training)
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).requires_grad_(True)
+    params = tuple(ours.parameters())
+    assert torch.autograd.gradcheck(lambda x, *p: ours(x), (x, *params), eps=1e-6, atol=1e-7,
+                                    rtol=1e-6)
