@@ -162,7 +162,9 @@ class Norm:
     Subclasses implement ``_check(x, training)`` (raise on bad input), ``_forward(x, training,
     mask, out)`` returning ``(y, saved, commit)`` and ``_backward(dy, saved, out)`` returning
     ``(dx, grads)``. ``commit`` (a callable or None) writes the new state; it runs only after
-    the kernel succeeded, so a refused or failed call leaves the state as it was.
+    the kernel succeeded, so a refused or failed call leaves the state as it was. A subclass
+    with checks of its own overrides ``forward_saved`` (ending in ``return self._run(...)``),
+    not ``forward``: ``forward`` keeps what ``forward_saved`` returns.
     """
 
     name = "norm"
@@ -185,6 +187,14 @@ class Norm:
     def forward(self, x: np.ndarray, training: bool, *, mask=None, out=None) -> np.ndarray:
         """Normalize ``x``; in training mode update ``state``. Returns an array of x's dtype
         (``out`` if given). ``mask``: see the module docstring."""
+        y, self._saved = self.forward_saved(x, training, mask=mask, out=out)
+        return y
+
+    def forward_saved(self, x: np.ndarray, training: bool, *, mask=None, out=None):
+        """``forward`` that keeps nothing in the norm: returns ``(y, saved)``, ``saved`` being
+        what :meth:`backward_saved` needs (a tuple of arrays and scalars; arrays may be views
+        of ``x``). ``state`` is updated as by ``forward``. For callers that keep several
+        forwards in flight, such as the PyTorch bridge (``normkit.torch``)."""
         if training is not True and training is not False:
             training = _check_bool("training", training)
         x = self._check_array("x", x)
@@ -197,26 +207,32 @@ class Norm:
         return self._run(x, training, mask, out)
 
     def _run(self, x, training, mask, out):
-        """The checked call: compute, then commit the new state and keep what backward needs."""
+        """The checked call: compute, then commit the new state; returns ``(y, saved)``."""
         y, saved, commit = self._forward(x, training, mask, out)
         if commit is not None:
             commit()
-        self._saved = saved
-        return y
+        return y, saved
 
     def backward(self, dy: np.ndarray, *, out=None) -> np.ndarray:
         """Gradient of the last forward: fills ``grads`` and returns dL/dx (``out`` if given)."""
         if self._saved is None:
             raise RuntimeError(f"{type(self).__name__}.backward() called before forward()")
-        shape = self._saved[0].shape
+        dx, grads = self.backward_saved(dy, self._saved, out=out)
+        for key, value in grads.items():
+            self.grads[key][...] = value
+        return dx
+
+    def backward_saved(self, dy: np.ndarray, saved, *, out=None):
+        """Gradients of the forward that returned ``saved`` (:meth:`forward_saved`):
+        ``(dL/dx, {key: dL/dparams[key]})``, the parameter gradients shaped as ``params`` (dtype
+        float64 or the norm's). Writes nothing into the norm (``grads`` stays as it was)."""
+        shape = saved[0].shape
         dy = self._check_array("dy", dy)
         if dy.shape != shape:
             raise ValueError(f"dy must have the shape of the last forward's x {shape}, got {dy.shape}")
         self._check_owned()
-        dx, grads = self._backward(dy, self._saved, out)
-        for key, value in grads.items():
-            self.grads[key][...] = value.reshape(self.grads[key].shape)
-        return dx
+        dx, grads = self._backward(dy, saved, out)
+        return dx, {key: value.reshape(self.params[key].shape) for key, value in grads.items()}
 
     # -- checks ------------------------------------------------------------------------------
     def _check_array(self, name: str, a) -> np.ndarray:

@@ -182,9 +182,10 @@ class RecurrentBatchNorm(_EngineNorm):
         return new
 
     # -- the interface ------------------------------------------------------------------------
-    def forward(self, x: np.ndarray, training: bool, *, mask=None, out=None) -> np.ndarray:
+    def forward_saved(self, x: np.ndarray, training: bool, *, mask=None, out=None):
         """Normalize x (T, N, F); ``mask`` (T, N) bool marks the valid positions (None: all).
-        In training, update the running statistics of the steps seen."""
+        In training, update the running statistics of the steps seen. Returns ``(y, saved)``
+        (``forward``, inherited, returns y and keeps ``saved`` for ``backward``)."""
         training = _check_bool("training", training)
         x = self._check_array("x", x)
         self._check(x, training)
