@@ -1,9 +1,15 @@
 """The performance paths of the engine, each against the NumPy oracle with the shared tolerances:
-``out=`` arrays at any alignment, large inputs, the columns driver of batch norm on
+``out=`` arrays at any alignment, large (parallel) inputs, the columns driver of batch norm on
 (N, C) (several chunks merged, several virtual batches), the memory contract of ``Norm`` (fresh
-outputs unless ``out=``) and refused calls that change nothing.
+outputs unless ``out=``), refused calls that change nothing, and the cache of kernels that call
+parallel ones.
 """
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -42,8 +48,8 @@ def _misaligned(shape, dtype, offset):
 BATCH_SHAPES = [
     (3, 7, 5),                  # tiny, planes driver
     (5, 7),                     # tiny, columns driver
-    (4, 16, 182, 182),          # 8.4 MB: planes driver, streaming stores
-    (4096, 600),                # 9.8 MB: columns driver (several chunks)
+    (4, 16, 182, 182),          # 8.4 MB: planes driver, parallel
+    (4096, 600),                # 9.8 MB: columns driver (several chunks), parallel
 ]
 
 
@@ -159,7 +165,47 @@ def test_all_finite():
     assert _engine.all_finite(np.full(5, np.finfo(F32).max))   # no overflow in the check
 
 
-# -- the memory contract -----------------------------------------------------------------------
+# -- the cache: a cached serial function calling a cached parallel one --------------------------
+
+_CACHED_CALLER = textwrap.dedent('''
+    import numpy as np
+    from numba import prange
+    from normkit.kernels._jit import jit
+
+    @jit(parallel=True)
+    def double(x):
+        out = np.zeros_like(x)
+        if x.size < 1000:
+            for i in range(x.size):
+                out[i] = 2 * x[i]
+        else:
+            for i in prange(x.size):
+                out[i] = 2 * x[i]
+        return out
+
+    @jit()
+    def outer(x):                   # like batch.forward_train -> _engine.forward
+        return double(x.reshape(x.size))
+''')
+
+
+def test_cached_caller_of_parallel_kernel_runs_from_cache(tmp_path):
+    """numba issue #8578: loading such a caller from the cache in a new process crashed unless
+    the thread pool was started; normkit.kernels._jit starts it on import."""
+    (tmp_path / "cached_caller.py").write_text(_CACHED_CALLER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    env.pop("NUMBA_CACHE_DIR", None)
+    call = "import numpy as np, cached_caller as m; print(m.outer(np.ones({})).sum())"
+    # 2-D (parallel loop) compiles outer and double; 1-D compiles another outer and
+    # loads double from the cache; the third process loads everything: it segfaulted with plain
+    # numba.njit(cache=True) in the same layout.
+    for shape in ("(100, 100)", "10", "10"):
+        done = subprocess.run([sys.executable, "-c", call.format(shape)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert float(done.stdout) == 2 * np.prod(eval(shape))
+    assert any(p.suffix == ".nbi" for p in (tmp_path / "__pycache__").iterdir())
+
 
 NORM_CASES = [
     ("batch", (6, 4, 5), {}), ("batch", (6, 4), {}), ("ghost", (6, 4), {"virtual_batch_size": 3}),

@@ -45,28 +45,29 @@ group is reduced by one thread in a fixed order, so serial and parallel runs agr
   channel) and computes each channel's count, mean and M2; the chunks of a row-group are merged
   in chunk order (Chan et al.'s pairwise update). The chunk size depends on the shape only.
 
-Every driver takes its flags as runtime arguments, so each compiles once per dtype. Threads:
-the jitted :func:`forward`/:func:`backward` (what the public kernels and your own ``@njit`` code
-call) run on the calling thread; :func:`run_forward`/:func:`run_backward` (what the ``Norm``
-classes call) split the work items of an input of PARALLEL_MIN_SIZE values or more over
-``numba.get_num_threads()`` Python threads, the kernels releasing the GIL. No ``prange``: a
-parfor driver cost over ten seconds of compile time per dtype and direction.
+Every driver takes its flags as runtime arguments, so each compiles once per dtype. One source
+of the steps of a call (:func:`_forward_steps`, :func:`_backward_steps`) runs three ways: as
+Python calling the jitted item functions (``run_forward``/``run_backward``, what the ``Norm``
+classes call, for inputs under PARALLEL_MIN_SIZE values: only the item functions and small
+helpers compile, not a driver linking them all, which is most of a cold compile); as a serial
+twin (``forward_serial``; the LSTM's time loop); and as a parallel twin whose phases' items are
+``prange`` loops (inputs of PARALLEL_MIN_SIZE values or more). The jitted :func:`forward` and
+:func:`backward` (the public kernels, your ``@njit`` code) pick a twin by size.
 """
 from __future__ import annotations
 
-import concurrent.futures
-import threading
 
 import numba
 import numpy as np
 from llvmlite import ir
-from numba import types
+from numba import prange, types
 from numba.extending import intrinsic, overload
 
-from ._jit import jit
+from ._jit import jit, serial_and_parallel
 
-#: Inputs with fewer elements than this run on the calling thread only (below it, handing
-#: work to another Python thread costs more than it saves).
+#: Inputs with fewer values than this run on the calling thread only. Measured (BN forward +
+#: backward, float32, 2 cores): at 2^17 values the serial and parallel paths take the same
+#: time, at 2^18 the parallel one half; below, the serial path also saves compiling a parfor.
 PARALLEL_MIN_SIZE = 1 << 18
 
 #: The mask of an unmasked call (``masked=False``): never read.
@@ -780,10 +781,11 @@ def _rows_backward_item(phase, s, dy2, x2, dx2, B, R, J, mask2, masked, mean, ch
 # ---------------------------------------------------------------------------------------------
 # Drivers. A call runs in steps: ``_prepare`` (checks, valid counts), then phases of work items,
 # with a little serial arithmetic between phases (the columns' coefficients, the planes' dgamma).
-# Each phase is one jitted function over a range of items [start, stop); the serial drivers run
-# every step in one jitted call, and :func:`run_forward`/:func:`run_backward` run the phases of a
-# large input on several threads from Python (every kernel releases the GIL), each thread a
-# contiguous range of items. No parfor is compiled: that is most of the compile time saved.
+# One source, :func:`_forward_steps` / :func:`_backward_steps`, runs three ways:
+#   - as Python calling the jitted helpers (small inputs from Python): only the item functions
+#     and small helpers get compiled, not a driver linking them all (most of a cold compile);
+#   - jitted serially (the public kernels, the LSTM, your @njit code);
+#   - jitted with the phases' items as ``prange`` loops (large inputs from Python).
 # ---------------------------------------------------------------------------------------------
 
 @jit()
@@ -811,9 +813,9 @@ def _columns(x4, B):
 
 
 @jit()
-def _planes_forward_items(start, stop, x4, B, gamma2, beta2, eps, centered, mask2, masked, y4,
-                          mean, var, count, mode):
+def _planes_forward_items(start, stop, args):
     """Groups start..stop-1 of the planes driver (all of forward in one phase)."""
+    x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, count, mode = args
     N, G, K, L = x4.shape
     x3 = x4.reshape((N, G, K * L))
     y3 = y4.reshape((N, G, K * L))
@@ -833,13 +835,13 @@ def _columns_workspace(x4, B):
 
 
 @jit()
-def _columns_forward_items(start, stop, phase, x4, y4, B, mask2, masked, centered, work, mean,
-                           var):
+def _columns_forward_items(start, stop, args):
     """Items start..stop-1 of a columns forward phase: _CHUNK_STATS and _ROWS_APPLY (one chunk
     of rows each), _MERGE (one block of channels each)."""
+    phase, x4, y4, B, mask2, masked, centered, chunk_count, chunk_mean, chunk_m2, coef, mean, var \
+        = args
     N = x4.shape[0]
     _, R, J, blocks = _columns(x4, B)
-    chunk_count, chunk_mean, chunk_m2, coef = work
     x2 = x4.reshape((N, x4.size // N))         # (N, C)
     y2 = y4.reshape((N, x4.size // N))
     for item in range(start, stop):
@@ -867,30 +869,49 @@ def _columns_coefficients(x4, gamma2, beta2, eps, mean, var, count, coef):
             coef[2, v, c] = beta2[c, 0] - (mean[v, c] - np.float64(mean_hi)) * scale
 
 
-@jit()
+@jit(inline=True)
+def _runs(parallel, items):
+    """Iterations of a phase's loop: one per item in the parallel twin (a ``prange`` loop, each
+    item computed whole by one thread), else one for all of them (one call of the item
+    function: from Python, one dispatch per phase)."""
+    return items if parallel else min(items, 1)
+
+
+@jit(inline=True)
+def _items(parallel, run, items):
+    """The items [start, stop) of iteration ``run`` of :func:`_runs`' loop."""
+    if parallel:
+        return run, run + 1
+    return 0, items
+
+
 def _forward_steps(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, count,
-                   mode):
-    """The steps of a forward call, the phases through :func:`_each` (jitted: on the calling
-    thread; as Python, ``_forward_steps.py_func``: split over threads)."""
+                   mode, parallel):
+    """The steps of a forward call (``parallel``: each phase's items in a ``prange`` loop, as
+    the parallel twin compiles it; see :func:`_runs`)."""
     _prepare(x4, B, gamma2, mask2, masked, y4, mean, var, count, mode)
     if beta2.shape[0] != gamma2.shape[0] or beta2.shape[1] != gamma2.shape[1]:
         raise ValueError("gamma and beta must have one value per channel (G, K)")
     V, G = x4.shape[0] // B, x4.shape[1]
     columns, _, J, blocks = _columns(x4, B)
     if not columns:
-        _each("_planes_forward_items", V * G, x4, B, gamma2, beta2, eps, centered, mask2, masked,
-             y4, mean, var, count, mode)
+        for run in prange(_runs(parallel, V * G)):
+            start, stop = _items(parallel, run, V * G)
+            _planes_forward_items(start, stop, (x4, B, gamma2, beta2, eps, centered, mask2,
+                                                masked, y4, mean, var, count, mode))
         return
-    work = _columns_workspace(x4, B)
-    if mode != APPLY_ONLY:
-        _each("_columns_forward_items", V * J, _CHUNK_STATS, x4, y4, B, mask2, masked, centered,
-             work, mean, var)
-        _each("_columns_forward_items", V * blocks, _MERGE, x4, y4, B, mask2, masked, centered,
-             work, mean, var)
-    if mode != STATS_ONLY:
-        _columns_coefficients(x4, gamma2, beta2, eps, mean, var, count, work[3])
-        _each("_columns_forward_items", V * J, _ROWS_APPLY, x4, y4, B, mask2, masked, centered,
-             work, mean, var)
+    chunk_count, chunk_mean, chunk_m2, coef = _columns_workspace(x4, B)
+    first = _ROWS_APPLY if mode == APPLY_ONLY else _CHUNK_STATS
+    last = _MERGE if mode == STATS_ONLY else _ROWS_APPLY
+    for phase in range(first, last + 1):       # _CHUNK_STATS, _MERGE, _ROWS_APPLY
+        if phase == _ROWS_APPLY:
+            _columns_coefficients(x4, gamma2, beta2, eps, mean, var, count, coef)
+        n = V * blocks if phase == _MERGE else V * J
+        for run in prange(_runs(parallel, n)):
+            start, stop = _items(parallel, run, n)
+            _columns_forward_items(start, stop, (phase, x4, y4, B, mask2, masked, centered,
+                                                 chunk_count, chunk_mean, chunk_m2, coef, mean,
+                                                 var))
 
 
 @jit()
@@ -899,17 +920,21 @@ def forward(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, c
     mode == APPLY_ONLY: then mean, var are given), and/or y4 = the normalized output.
 
     x4, y4 (N, G, K, L) C-contiguous, same dtype; gamma2, beta2 (G, K); mask2 (N, L) bool read
-    only if ``masked``. Runs on the calling thread (:func:`run_forward` splits a large input
-    over threads).
+    only if ``masked``. An input of PARALLEL_MIN_SIZE values or more runs in the parallel twin.
     """
-    _forward_steps(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, count,
-                   mode)
+    if x4.size >= PARALLEL_MIN_SIZE:
+        forward_parallel(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var,
+                         count, mode, True)
+    else:
+        forward_serial(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var,
+                       count, mode, False)
 
 
 @jit()
-def _planes_backward_items(start, stop, dy4, x4, B, gamma2, mean, var, count, eps, centered,
-                           frozen, mask2, masked, dx4, part_dy, part_dy_dev):
+def _planes_backward_items(start, stop, args):
     """Items start..stop-1 (item = chunk of row-groups j, channel g) of the planes backward."""
+    (dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2, masked, dx4, part_dy,
+     part_dy_dev) = args
     N, G, K, L = x4.shape
     V = N // B
     chunks = part_dy.shape[0]
@@ -924,9 +949,9 @@ def _planes_backward_items(start, stop, dy4, x4, B, gamma2, mean, var, count, ep
 
 
 @jit()
-def _columns_backward_items(start, stop, phase, dy4, x4, dx4, B, mask2, masked, mean, part_dy,
-                            part_dy_dev, coefficients):
+def _columns_backward_items(start, stop, args):
     """Items start..stop-1 (one chunk of rows each) of a columns backward phase."""
+    phase, dy4, x4, dx4, B, mask2, masked, mean, part_dy, part_dy_dev, coefficients = args
     N = x4.shape[0]
     _, R, J, _ = _columns(x4, B)
     C = x4.size // N
@@ -962,10 +987,9 @@ def _backward_workspace(x4, B):
             np.empty((4, V, G if columns else 0), x4.dtype))
 
 
-@jit()
 def _backward_steps(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2, masked,
-                    dx4, dgamma2, dbeta2):
-    """The steps of a backward call (phases through :func:`_each`, as :func:`_forward_steps`)."""
+                    dx4, dgamma2, dbeta2, parallel):
+    """The steps of a backward call (``parallel`` as for :func:`_forward_steps`)."""
     _prepare(x4, B, gamma2, mask2, masked, dy4, mean, var, count, -1)
     if dx4.shape != x4.shape:
         raise ValueError("out must have the shape of x")
@@ -976,16 +1000,22 @@ def _backward_steps(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen,
     columns, _, J, _ = _columns(x4, B)
     part_dy, part_dy_dev, coefficients = _backward_workspace(x4, B)
     if not columns:
-        _each("_planes_backward_items", part_dy.shape[0] * G, dy4, x4, B, gamma2, mean, var, count,
-             eps, centered, frozen, mask2, masked, dx4, part_dy, part_dy_dev)
+        n = part_dy.shape[0] * G
+        for run in prange(_runs(parallel, n)):
+            start, stop = _items(parallel, run, n)
+            _planes_backward_items(start, stop, (dy4, x4, B, gamma2, mean, var, count, eps,
+                                                 centered, frozen, mask2, masked, dx4, part_dy,
+                                                 part_dy_dev))
         _sum_parts(part_dy, part_dy_dev, dgamma2, dbeta2)
         return
-    _each("_columns_backward_items", V * J, _ROWS_SUMS, dy4, x4, dx4, B, mask2, masked, mean,
-         part_dy, part_dy_dev, coefficients)
-    _rows_coefficients(gamma2, mean, var, count, eps, centered, frozen, part_dy, part_dy_dev,
-                       coefficients, dgamma2, dbeta2)
-    _each("_columns_backward_items", V * J, _ROWS_DX, dy4, x4, dx4, B, mask2, masked, mean,
-         part_dy, part_dy_dev, coefficients)
+    for phase in range(_ROWS_SUMS, _ROWS_DX + 1, 2):
+        if phase == _ROWS_DX:
+            _rows_coefficients(gamma2, mean, var, count, eps, centered, frozen, part_dy,
+                               part_dy_dev, coefficients, dgamma2, dbeta2)
+        for run in prange(_runs(parallel, V * J)):
+            start, stop = _items(parallel, run, V * J)
+            _columns_backward_items(start, stop, (phase, dy4, x4, dx4, B, mask2, masked, mean,
+                                                  part_dy, part_dy_dev, coefficients))
 
 
 @jit()
@@ -993,78 +1023,35 @@ def backward(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
              dgamma2, dbeta2):
     """Gradient of :func:`forward`: dx into dx4, dgamma and dbeta (G, K) float64 into
     dgamma2, dbeta2 (overwritten). mean, var (V, G) and count (V,) as forward wrote them;
-    ``frozen``: the statistics are constants (evaluation mode). On the calling thread."""
-    _backward_steps(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2, masked,
-                    dx4, dgamma2, dbeta2)
+    ``frozen``: the statistics are constants (evaluation mode). Parallel as :func:`forward`."""
+    if x4.size >= PARALLEL_MIN_SIZE:
+        backward_parallel(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
+                          masked, dx4, dgamma2, dbeta2, True)
+    else:
+        backward_serial(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
+                        masked, dx4, dgamma2, dbeta2, False)
 
 
-#: Threads that run the phases of large inputs (created on first use).
-_POOL: list = []
-#: The number of threads of the current call of run_forward/run_backward, per calling thread.
-_CALL = threading.local()
-
-
-def _threads(size: int) -> int:
-    """Threads for an input of ``size`` values: numba.get_num_threads() from PARALLEL_MIN_SIZE
-    on, else 1."""
-    if size < PARALLEL_MIN_SIZE or not _JIT_ENABLED:
-        return 1
-    return numba.get_num_threads()
-
-
-def _each(name, items, *args):
-    """The item function ``name`` of this module, function(start, stop, *args), over contiguous
-    ranges of [0, items), one per thread (the first on the calling thread); returns when all
-    are done. Each item is computed whole by one thread, so the result does not depend on the
-    number of threads. (Named, not passed: a jitted function passed as a value would keep the
-    caller out of Numba's cache.)"""
-    function = globals()[name]
-    threads = min(getattr(_CALL, "threads", 1), items)
-    if threads <= 1:
-        function(0, items, *args)
-        return
-    if not _POOL:
-        _POOL.append(concurrent.futures.ThreadPoolExecutor(
-            max(1, numba.config.NUMBA_NUM_THREADS - 1), thread_name_prefix="normkit"))
-    bounds = [items * k // threads for k in range(threads + 1)]
-    futures = [_POOL[0].submit(function, bounds[k], bounds[k + 1], *args)
-               for k in range(1, threads)]
-    try:
-        function(bounds[0], bounds[1], *args)
-    finally:
-        for future in futures:
-            future.result()
-
-
-@overload(_each, prefer_literal=True)
-def _each_jit(name, items, *args):
-    """In jitted code: the item function over [0, items) on the calling thread."""
-    if not isinstance(name, types.StringLiteral):
-        return None
-    target = globals()[name.literal_value]
-
-    def serially(name, items, *args):
-        target(0, items, *args)
-    return serially
-
-
-def _run_steps(steps, size, *args):
-    """The steps of a call, run as Python calling the jitted helpers one by one: only the item
-    functions and small helpers get compiled (not a driver that links them all, which costs
-    most of a cold compile), and :func:`_each` can split each phase over threads."""
-    _CALL.threads = _threads(size)
-    getattr(steps, "py_func", steps)(*args)
+#: The twins: (..., parallel=False) on the calling thread; (..., parallel=True) with ``prange``.
+forward_serial, forward_parallel = serial_and_parallel(_forward_steps)
+backward_serial, backward_parallel = serial_and_parallel(_backward_steps)
 
 
 def run_forward(x4, *args):
     """:func:`forward` from Python (same arguments): an input of PARALLEL_MIN_SIZE values or
-    more runs its phases on ``numba.get_num_threads()`` threads."""
-    _run_steps(_forward_steps, x4.size, x4, *args)
+    more in the parallel twin, a smaller one as Python calling the jitted helpers."""
+    if x4.size >= PARALLEL_MIN_SIZE:
+        forward_parallel(x4, *args, True)
+    else:
+        _forward_steps(x4, *args, False)
 
 
 def run_backward(dy4, x4, *args):
-    """:func:`backward` from Python (same arguments), on threads as :func:`run_forward`."""
-    _run_steps(_backward_steps, x4.size, dy4, x4, *args)
+    """:func:`backward` from Python (same arguments), as :func:`run_forward`."""
+    if x4.size >= PARALLEL_MIN_SIZE:
+        backward_parallel(dy4, x4, *args, True)
+    else:
+        _backward_steps(dy4, x4, *args, False)
 
 
 @jit()

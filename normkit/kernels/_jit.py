@@ -10,15 +10,19 @@ threading and the floating-point policy are decided once:
   therefore deletes every normkit cache file whenever a module holding jitted code changed.
   Jitted code lives only in ``normkit/kernels/`` and in modules named ``_*kernels.py`` (a test
   checks it), so editing the training engine or a study does not throw the compiled kernels away.
-- no ``parallel``: the engine splits large inputs over Python threads itself
-  (``_engine.run_forward``), each channel/row reduced by one thread in a fixed order, so results
-  do not depend on the number of threads; ``nogil=True`` lets those threads run at once.
+- ``parallel``: only the drivers that split work over channels/rows (``prange``) ask for it;
+  each channel/row is reduced by one thread in a fixed order, so results do not depend on the
+  number of threads or on scheduling.
 - ``fastmath``: off by default. Reductions may opt in to ``{"reassoc"}`` only (never
   ``nnan``/``ninf``: NaN must propagate); set ``NORMKIT_STRICT_FP=1`` to switch that off too.
-- threads: the kernels are serial Numba functions (no parfor, no Numba threading layer of
-  their own); :func:`normkit.kernels._engine.run_forward` runs the work items of a large input
-  on ``numba.get_num_threads()`` Python threads (``numba.set_num_threads`` or
-  ``NUMBA_NUM_THREADS`` set it).
+- threading: the thread pool is started when this module is imported, before any cached kernel
+  is loaded. A cached serial function that calls a cached ``parallel`` one otherwise runs without
+  the threading layer set up and crashes (numba issue #8578); every public kernel here is such a
+  caller. The layer is ``omp`` (numba's default pick where TBB is absent, made explicit so every
+  machine runs the same one) unless ``NUMBA_THREADING_LAYER`` names another. With PyTorch in the
+  same process there are two GNU OpenMP runtimes (numba's links the system ``libgomp``, torch
+  ships its own): they coexist, each with its own pool; ``workqueue`` avoids the second runtime
+  but aborts when two Python threads launch parallel kernels at once, so it is not the default.
 
 ``NUMBA_DISABLE_JIT=1`` runs the whole package as plain Python (for coverage and debuggers).
 """
@@ -27,11 +31,30 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import types
 
 import numba
 from numba.core import types as nbtypes
 
 _STRICT_FP = os.environ.get("NORMKIT_STRICT_FP", "") not in ("", "0")
+
+#: The threading layer normkit asks for (see the module docstring).
+THREADING_LAYER = "omp"
+
+
+def _start_threads() -> None:
+    from numba.np.ufunc import parallel
+
+    if not parallel._is_initialized and "NUMBA_THREADING_LAYER" not in os.environ:
+        numba.config.THREADING_LAYER = THREADING_LAYER
+        try:
+            parallel._launch_threads()
+        except ValueError:                     # no OpenMP runtime here: numba's own pick
+            numba.config.THREADING_LAYER = "default"
+    parallel._launch_threads()
+
+
+_start_threads()
 
 #: Flags a reduction kernel may use; reassociation lets LLVM vectorize sums.
 REDUCTION_FASTMATH = frozenset() if _STRICT_FP else frozenset({"reassoc"})
@@ -51,13 +74,19 @@ def _unliteral_call_template(dispatcher):
     return dispatcher
 
 
-def jit(*, reduction: bool = False, inline: bool = False, literals: bool = False):
+def jit(*, parallel: bool = False, reduction: bool = False, inline: bool = False,
+        literals: bool = False):
     """Decorator for normkit kernels: ``numba.njit`` with the package policy.
 
     Compiled once per argument *types*: constants passed from jitted code are not specialized
     on unless ``literals=True`` (a kernel whose speed depends on a compile-time flag).
     """
-    options = dict(cache=True, nogil=True, error_model="numpy")
+    # parallel: only explicit ``prange`` loops run on threads; NumPy calls (np.zeros, array
+    # expressions) stay serial, so a small input never wakes the thread pool by accident.
+    if parallel:
+        parallel = dict(prange=True, numpy=False, reduction=False, setitem=False, stencil=False,
+                        fusion=False, comprehension=False, inplace_binop=False)
+    options = dict(cache=True, nogil=True, parallel=parallel, error_model="numpy")
     if reduction and REDUCTION_FASTMATH:
         options["fastmath"] = set(REDUCTION_FASTMATH)
     if inline:
@@ -70,6 +99,25 @@ def jit(*, reduction: bool = False, inline: bool = False, literals: bool = False
             return dispatcher                  # NUMBA_DISABLE_JIT=1: the plain function
         return _unliteral_call_template(dispatcher)
     return decorate
+
+
+def serial_and_parallel(loop):
+    """Two compiled twins of one driver whose outer loops are ``prange``: (serial, parallel).
+
+    The serial twin runs on the calling thread (``prange`` acts as ``range``) and compiles
+    without the parallel passes; callers pick it for small inputs, where waking the thread pool
+    costs more than the work, and Python callers compile only the twin they use. Each twin is
+    compiled from its own copy of the function under its own name, so their caches stay apart.
+    """
+    twins = []
+    for suffix, parallel in (("serial", False), ("parallel", True)):
+        clone = types.FunctionType(loop.__code__, loop.__globals__, f"{loop.__name__}_{suffix}",
+                                   loop.__defaults__, loop.__closure__)
+        clone.__qualname__ = f"{loop.__qualname__}_{suffix}"
+        clone.__module__ = loop.__module__
+        clone.__doc__ = loop.__doc__
+        twins.append(jit(parallel=parallel)(clone))
+    return tuple(twins)
 
 
 def _jitted_sources(package: pathlib.Path) -> list[pathlib.Path]:

@@ -123,8 +123,9 @@ def _norm_step(kind, batch_stats, v, mask, t, valid, gamma, beta, frozen_mean, f
             mean[t, 0, f] = frozen_mean[s, f]
             var[t, 0, f] = frozen_var[s, f]
         mode = _engine.APPLY_ONLY
-    _engine.forward(x4, B, gamma2, beta2, eps, True, mask[t].reshape((N, 1)), valid < N,
-                    out.reshape(x4.shape), mean[t], var[t], count[t], mode)
+    _engine.forward_serial(x4, B, gamma2, beta2, eps, True, mask[t].reshape((N, 1)),
+                           valid < N, out.reshape(x4.shape), mean[t], var[t], count[t], mode,
+                           False)
 
 
 @jit()
@@ -136,9 +137,9 @@ def _norm_backward_step(kind, batch_stats, dy, v, mask, t, valid, gamma, eps, me
     dgamma2 = np.empty(gamma2.shape)          # (G, K) float64, overwritten by the engine
     dbeta2 = np.empty(gamma2.shape)
     frozen = kind == NORM_BATCH and not batch_stats
-    _engine.backward(dy.reshape(x4.shape), x4, B, gamma2, mean[t], var[t], count[t], eps, True,
-                     frozen, mask[t].reshape((N, 1)), valid < N, dx.reshape(x4.shape), dgamma2,
-                     dbeta2)
+    _engine.backward_serial(dy.reshape(x4.shape), x4, B, gamma2, mean[t], var[t], count[t], eps,
+                            True, frozen, mask[t].reshape((N, 1)), valid < N,
+                            dx.reshape(x4.shape), dgamma2, dbeta2, False)
     dgamma1 = dgamma2.reshape(F)
     dbeta1 = dbeta2.reshape(F)
     for f in range(F):
