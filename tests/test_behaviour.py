@@ -289,7 +289,7 @@ def test_large_inputs_repeat_exactly(name, shape, kwargs, monkeypatch):
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32) * 2 + 1
     dy = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     num = shape[-1] if name == "layer" else shape[1]
-    monkeypatch.setattr(_engine, "PARALLEL_MIN_SIZE", 1)     # the threaded path
+    monkeypatch.setattr(_engine, "PARALLEL_MIN_SIZE", 1)     # the parallel twin
 
     def run():
         norm = normkit.make(name, num, **kwargs)
@@ -316,7 +316,7 @@ def test_one_thread_and_two_threads_agree_bit_for_bit(view, B, frozen, monkeypat
     V = view[0] // B
     gamma2 = rng.standard_normal((G, Cg)).astype(np.float32)
     beta2 = rng.standard_normal((G, Cg)).astype(np.float32)
-    monkeypatch.setattr(_engine, "PARALLEL_MIN_SIZE", 1)     # the threaded path
+    monkeypatch.setattr(_engine, "PARALLEL_MIN_SIZE", 1)     # the parallel twin
     outputs = []
     threads = numba.get_num_threads()
     try:
@@ -335,9 +335,9 @@ def test_one_thread_and_two_threads_agree_bit_for_bit(view, B, frozen, monkeypat
     y4, mean, var, count = np.empty_like(x4), np.empty((V, G)), np.empty((V, G)), np.empty(V)
     dx4, dgamma, dbeta = np.empty_like(x4), np.empty((G, Cg)), np.empty((G, Cg))
     _engine.forward_serial(x4, B, gamma2, beta2, 1e-5, True, _engine.NO_MASK, False, y4, mean,
-                           var, count, _engine.STATS_AND_APPLY, False)
+                           var, count, _engine.STATS_AND_APPLY)
     _engine.backward_serial(dy4, x4, B, gamma2, mean, var, count, 1e-5, True, frozen,
-                            _engine.NO_MASK, False, dx4, dgamma, dbeta, False)
+                            _engine.NO_MASK, False, dx4, dgamma, dbeta)
     outputs.append((y4, mean, var, dx4, dgamma, dbeta))
     for a, b, c in zip(*outputs):
         np.testing.assert_array_equal(a, b)

@@ -45,17 +45,11 @@ group is reduced by one thread in a fixed order, so serial and parallel runs agr
   channel) and computes each channel's count, mean and M2; the chunks of a row-group are merged
   in chunk order (Chan et al.'s pairwise update). The chunk size depends on the shape only.
 
-Every driver takes its flags as runtime arguments, so each compiles once per dtype. One source
-of the steps of a call (:func:`_forward_steps`, :func:`_backward_steps`) runs three ways: as
-Python calling the jitted item functions (``run_forward``/``run_backward``, what the ``Norm``
-classes call, for inputs under PARALLEL_MIN_SIZE values: only the item functions and small
-helpers compile, not a driver linking them all, which is most of a cold compile); as a serial
-twin (``forward_serial``; the LSTM's time loop); and as a parallel twin whose phases' items are
-``prange`` loops (inputs of PARALLEL_MIN_SIZE values or more). The jitted :func:`forward` and
-:func:`backward` (the public kernels, your ``@njit`` code) pick a twin by size.
+Every driver takes its flags as runtime arguments, so each compiles once per dtype. Each driver
+has a serial and a parallel twin compiled from the same source, picked by the input's size;
+``run_forward``/``run_backward`` pick one from Python and so compile only that one.
 """
 from __future__ import annotations
-
 
 import numba
 import numpy as np
@@ -65,10 +59,8 @@ from numba.extending import intrinsic, overload
 
 from ._jit import jit, serial_and_parallel
 
-#: Inputs with fewer values than this run on the calling thread only. Measured (BN forward +
-#: backward, float32, 2 cores): at 2^17 values the serial and parallel paths take the same
-#: time, at 2^18 the parallel one half; below, the serial path also saves compiling a parfor.
-PARALLEL_MIN_SIZE = 1 << 18
+#: Inputs with fewer elements than this run on the calling thread only.
+PARALLEL_MIN_SIZE = 1 << 15
 
 #: The mask of an unmasked call (``masked=False``): never read.
 NO_MASK = np.ones((1, 1), np.bool_)
@@ -779,139 +771,69 @@ def _rows_backward_item(phase, s, dy2, x2, dx2, B, R, J, mask2, masked, mean, ch
 
 
 # ---------------------------------------------------------------------------------------------
-# Drivers. A call runs in steps: ``_prepare`` (checks, valid counts), then phases of work items,
-# with a little serial arithmetic between phases (the columns' coefficients, the planes' dgamma).
-# One source, :func:`_forward_steps` / :func:`_backward_steps`, runs three ways:
-#   - as Python calling the jitted helpers (small inputs from Python): only the item functions
-#     and small helpers get compiled, not a driver linking them all (most of a cold compile);
-#   - jitted serially (the public kernels, the LSTM, your @njit code);
-#   - jitted with the phases' items as ``prange`` loops (large inputs from Python).
+# Drivers: each runs its work items in phases through one ``prange`` loop; a serial and a
+# parallel twin of each, chosen by size (the serial one compiles in a fraction of the time).
 # ---------------------------------------------------------------------------------------------
 
-@jit()
-def _prepare(x4, B, gamma2, mask2, masked, out4, mean, var, count, mode):
-    """Shape checks of a forward or backward call, and the valid counts (forward: unless
-    ``mode`` is APPLY_ONLY, count[v] = valid values per group; backward passes mode = -1)."""
+def _forward_loop(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, count, mode):
+    """Statistics of every group into mean, var (V, G) float64 and count (V,) (unless
+    mode == APPLY_ONLY: then mean, var are given), and/or y4 = the normalized output.
+
+    x4, y4 (N, G, K, L) C-contiguous, same dtype; gamma2, beta2 (G, K); mask2 (N, L) bool read
+    only if ``masked``. (The body of the twins of :func:`forward`.)
+    """
     N, G, K, L = x4.shape
     check_view(x4, B, mask2, masked, mean, var, count)
-    if gamma2.shape[0] != G or gamma2.shape[1] != K:
+    if gamma2.shape[0] != G or gamma2.shape[1] != K or beta2.shape[0] != G or beta2.shape[1] != K:
         raise ValueError("gamma and beta must have one value per channel (G, K)")
-    if out4.shape != x4.shape:
-        raise ValueError("out and dy must have the shape of x")
-    if mode >= 0:
-        count_valid(mask2, masked, B, K, L, count)
-
-
-@jit()
-def _columns(x4, B):
-    """Whether the view takes the columns driver (K * L == 1, B > 1), and its geometry:
-    (columns, R rows per chunk, J chunks per row-group, channel blocks of the merge)."""
-    G = x4.shape[1]
-    columns = x4.shape[2] * x4.shape[3] == 1 and B > 1
-    R = _chunk_rows(B, G, x4.itemsize) if columns else 1
-    return columns, R, (B + R - 1) // R, (G + _MERGE_BLOCK - 1) // _MERGE_BLOCK
-
-
-@jit()
-def _planes_forward_items(start, stop, args):
-    """Groups start..stop-1 of the planes driver (all of forward in one phase)."""
-    x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, count, mode = args
-    N, G, K, L = x4.shape
+    if y4.shape != x4.shape:
+        raise ValueError("out must have the shape of x")
+    count_valid(mask2, masked, B, K, L, count)
+    stream = _streams(y4)
+    V = N // B
+    columns = K * L == 1 and B > 1
     x3 = x4.reshape((N, G, K * L))
     y3 = y4.reshape((N, G, K * L))
-    stream = _streams(y4)
-    for item in range(start, stop):
-        _plane_forward_item(np.int64(item), x3, y3, B, K, L, gamma2, beta2, eps, centered, mask2,
-                            masked, mean, var, count, mode, stream)
-
-
-@jit()
-def _columns_workspace(x4, B):
-    """(chunk_count (V, J), chunk_mean, chunk_m2 (V, J, C) float64, coef (3, V, C) x's dtype)."""
-    V, G = x4.shape[0] // B, x4.shape[1]
-    J = _columns(x4, B)[2]
-    return (np.empty((V, J)), np.empty((V, J, G)), np.empty((V, J, G)),
-            np.empty((3, V, G), x4.dtype))
-
-
-@jit()
-def _columns_forward_items(start, stop, args):
-    """Items start..stop-1 of a columns forward phase: _CHUNK_STATS and _ROWS_APPLY (one chunk
-    of rows each), _MERGE (one block of channels each)."""
-    phase, x4, y4, B, mask2, masked, centered, chunk_count, chunk_mean, chunk_m2, coef, mean, var \
-        = args
-    N = x4.shape[0]
-    _, R, J, blocks = _columns(x4, B)
-    x2 = x4.reshape((N, x4.size // N))         # (N, C)
-    y2 = y4.reshape((N, x4.size // N))
-    for item in range(start, stop):
-        s = np.int64(item)
-        if phase == _MERGE:
-            _merge_chunks(s, blocks, J, chunk_count, chunk_mean, chunk_m2, mean, var)
-        else:
-            _rows_item(phase, s, x2, y2, B, R, J, mask2, masked, centered, chunk_count,
-                       chunk_mean, chunk_m2, coef)
-
-
-@jit()
-def _columns_coefficients(x4, gamma2, beta2, eps, mean, var, count, coef):
-    """y = (x - mean_hi) * scale + shift per (v, c): coef[:, v, c] = (mean_hi, scale, shift) in
-    x's dtype (mean_hi = 0 where x - mean could overflow: then y = x * scale + ...)."""
-    V, G = mean.shape
-    for v in range(V):
-        for c in range(G):
-            scale = gamma2[c, 0] / np.sqrt(var[v, c] + eps)
-            mean_hi = _cast_like(x4, mean[v, c])
-            if _extreme(x4, mean[v, c], var[v, c], count[v]):
-                mean_hi = _cast_like(x4, 0.0)
-            coef[0, v, c] = mean_hi
-            coef[1, v, c] = scale
-            coef[2, v, c] = beta2[c, 0] - (mean[v, c] - np.float64(mean_hi)) * scale
-
-
-@jit(inline=True)
-def _runs(parallel, items):
-    """Iterations of a phase's loop: one per item in the parallel twin (a ``prange`` loop, each
-    item computed whole by one thread), else one for all of them (one call of the item
-    function: from Python, one dispatch per phase)."""
-    return items if parallel else min(items, 1)
-
-
-@jit(inline=True)
-def _items(parallel, run, items):
-    """The items [start, stop) of iteration ``run`` of :func:`_runs`' loop."""
-    if parallel:
-        return run, run + 1
-    return 0, items
-
-
-def _forward_steps(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, count,
-                   mode, parallel):
-    """The steps of a forward call (``parallel``: each phase's items in a ``prange`` loop, as
-    the parallel twin compiles it; see :func:`_runs`)."""
-    _prepare(x4, B, gamma2, mask2, masked, y4, mean, var, count, mode)
-    if beta2.shape[0] != gamma2.shape[0] or beta2.shape[1] != gamma2.shape[1]:
-        raise ValueError("gamma and beta must have one value per channel (G, K)")
-    V, G = x4.shape[0] // B, x4.shape[1]
-    columns, _, J, blocks = _columns(x4, B)
+    x2 = x4.reshape((N, G * K * L))            # rows of the columns driver: (N, C)
+    y2 = y4.reshape((N, G * K * L))
+    R = _chunk_rows(B, G, x4.itemsize) if columns else 1
+    J = (B + R - 1) // R
+    blocks = (G + _MERGE_BLOCK - 1) // _MERGE_BLOCK
+    W = G if columns else 0
+    chunk_count = np.empty((V, J))             # (V, J) valid rows of each chunk
+    chunk_mean = np.empty((V, J, W))           # (V, J, C) per-chunk statistics
+    chunk_m2 = np.empty((V, J, W))
+    coef = np.empty((3, V, W), x4.dtype)       # (3, V, C) mean_hi, scale, shift in x's dtype
     if not columns:
-        for run in prange(_runs(parallel, V * G)):
-            start, stop = _items(parallel, run, V * G)
-            _planes_forward_items(start, stop, (x4, B, gamma2, beta2, eps, centered, mask2,
-                                                masked, y4, mean, var, count, mode))
-        return
-    chunk_count, chunk_mean, chunk_m2, coef = _columns_workspace(x4, B)
-    first = _ROWS_APPLY if mode == APPLY_ONLY else _CHUNK_STATS
-    last = _MERGE if mode == STATS_ONLY else _ROWS_APPLY
-    for phase in range(first, last + 1):       # _CHUNK_STATS, _MERGE, _ROWS_APPLY
+        first, last = _PLANES, _PLANES
+    else:
+        first = _ROWS_APPLY if mode == APPLY_ONLY else _CHUNK_STATS
+        last = _MERGE if mode == STATS_ONLY else _ROWS_APPLY
+    for phase in range(first, last + 1):
         if phase == _ROWS_APPLY:
-            _columns_coefficients(x4, gamma2, beta2, eps, mean, var, count, coef)
-        n = V * blocks if phase == _MERGE else V * J
-        for run in prange(_runs(parallel, n)):
-            start, stop = _items(parallel, run, n)
-            _columns_forward_items(start, stop, (phase, x4, y4, B, mask2, masked, centered,
-                                                 chunk_count, chunk_mean, chunk_m2, coef, mean,
-                                                 var))
+            for v in range(V):
+                for c in range(G):
+                    scale = gamma2[c, 0] / np.sqrt(var[v, c] + eps)
+                    mean_hi = _cast_like(x4, mean[v, c])
+                    if _extreme(x4, mean[v, c], var[v, c], count[v]):
+                        mean_hi = _cast_like(x4, 0.0)  # x - mean could overflow: x * scale + ...
+                    coef[0, v, c] = mean_hi
+                    coef[1, v, c] = scale
+                    coef[2, v, c] = beta2[c, 0] - (mean[v, c] - np.float64(mean_hi)) * scale
+        items = V * G if phase == _PLANES else V * blocks if phase == _MERGE else V * J
+        for item in prange(items):
+            s = np.int64(item)
+            if phase == _PLANES:
+                _plane_forward_item(s, x3, y3, B, K, L, gamma2, beta2, eps, centered, mask2,
+                                    masked, mean, var, count, mode, stream)
+            elif phase == _MERGE:
+                _merge_chunks(s, blocks, J, chunk_count, chunk_mean, chunk_m2, mean, var)
+            else:
+                _rows_item(phase, s, x2, y2, B, R, J, mask2, masked, centered, chunk_count,
+                           chunk_mean, chunk_m2, coef)
+
+
+forward_serial, forward_parallel = serial_and_parallel(_forward_loop)
 
 
 @jit()
@@ -920,102 +842,77 @@ def forward(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, c
     mode == APPLY_ONLY: then mean, var are given), and/or y4 = the normalized output.
 
     x4, y4 (N, G, K, L) C-contiguous, same dtype; gamma2, beta2 (G, K); mask2 (N, L) bool read
-    only if ``masked``. An input of PARALLEL_MIN_SIZE values or more runs in the parallel twin.
+    only if ``masked``. Runs in parallel when x4 has PARALLEL_MIN_SIZE values or more.
     """
     if x4.size >= PARALLEL_MIN_SIZE:
         forward_parallel(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var,
-                         count, mode, True)
+                          count, mode)
     else:
         forward_serial(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var,
-                       count, mode, False)
+                        count, mode)
 
 
-@jit()
-def _planes_backward_items(start, stop, args):
-    """Items start..stop-1 (item = chunk of row-groups j, channel g) of the planes backward."""
-    (dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2, masked, dx4, part_dy,
-     part_dy_dev) = args
+def _backward_loop(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2, masked,
+                   dx4, dgamma2, dbeta2):
+    """Gradient of :func:`forward`: dx into dx4, dgamma and dbeta (G, K) float64 into
+    dgamma2, dbeta2 (overwritten). mean, var (V, G) and count (V,) as forward wrote them;
+    ``frozen``: the statistics are constants (evaluation mode)."""
     N, G, K, L = x4.shape
+    check_view(x4, B, mask2, masked, mean, var, count)
+    if dy4.shape != x4.shape or dx4.shape != x4.shape:
+        raise ValueError("dy and out must have the shape of x")
+    if gamma2.shape[0] != G or gamma2.shape[1] != K:
+        raise ValueError("gamma must have one value per channel (G, K)")
+    if (dgamma2.shape[0] != G or dgamma2.shape[1] != K or dbeta2.shape[0] != G
+            or dbeta2.shape[1] != K):
+        raise ValueError("dgamma and dbeta must have shape (G, K)")
+    stream = _streams(dx4)
     V = N // B
-    chunks = part_dy.shape[0]
+    columns = K * L == 1 and B > 1
     x3 = x4.reshape((N, G, K * L))
     dy3 = dy4.reshape((N, G, K * L))
     dx3 = dx4.reshape((N, G, K * L))
-    stream = _streams(dx4)
-    for item in range(start, stop):
-        _plane_backward_item(np.int64(item), dy3, x3, dx3, B, K, L, gamma2, mean, var, count,
-                             eps, centered, frozen, mask2, masked, (V + chunks - 1) // chunks,
-                             part_dy, part_dy_dev, stream)
-
-
-@jit()
-def _columns_backward_items(start, stop, args):
-    """Items start..stop-1 (one chunk of rows each) of a columns backward phase."""
-    phase, dy4, x4, dx4, B, mask2, masked, mean, part_dy, part_dy_dev, coefficients = args
-    N = x4.shape[0]
-    _, R, J, _ = _columns(x4, B)
-    C = x4.size // N
-    for item in range(start, stop):
-        _rows_backward_item(phase, np.int64(item), dy4.reshape((N, C)), x4.reshape((N, C)),
-                            dx4.reshape((N, C)), B, R, J, mask2, masked, mean, part_dy,
-                            part_dy_dev, coefficients)
-
-
-@jit()
-def _sum_parts(part_dy, part_dy_dev, dgamma2, dbeta2):
-    """dbeta, dgamma (G, K) = the planes' partial sums added over the chunks in order."""
-    for g in range(dgamma2.shape[0]):
-        for k in range(dgamma2.shape[1]):
+    x2 = x4.reshape((N, G * K * L))            # rows of the columns driver: (N, C)
+    dy2 = dy4.reshape((N, G * K * L))
+    dx2 = dx4.reshape((N, G * K * L))
+    R = _chunk_rows(B, G, x4.itemsize) if columns else 1
+    J = (B + R - 1) // R
+    # planes: (chunks, G, K) partial sums per chunk of row-groups; columns: (V, J, C) per chunk
+    chunks = min(V, _MAX_CHUNKS)
+    P0, P1, P2 = (V, J, G) if columns else (chunks, G, K)
+    part_dy = np.zeros((P0, P1, P2))
+    part_dy_dev = np.zeros((P0, P1, P2))
+    W = G if columns else 0
+    coefficients = np.empty((4, V, W), x4.dtype)   # columns: dx's c1, mean_hi, c2, c3 (V, C)
+    first, last = (_ROWS_SUMS, _ROWS_DX) if columns else (_PLANES, _PLANES)
+    for phase in range(first, last + 1, 2):
+        if phase == _ROWS_DX:
+            _rows_coefficients(gamma2, mean, var, count, eps, centered, frozen, part_dy,
+                               part_dy_dev, coefficients, dgamma2, dbeta2)
+        items = chunks * G if phase == _PLANES else V * J
+        for item in prange(items):
+            s = np.int64(item)
+            if phase == _PLANES:
+                _plane_backward_item(s, dy3, x3, dx3, B, K, L, gamma2, mean, var, count, eps,
+                                     centered, frozen, mask2, masked, (V + chunks - 1) // chunks,
+                                     part_dy, part_dy_dev, stream)
+            else:
+                _rows_backward_item(phase, s, dy2, x2, dx2, B, R, J, mask2, masked, mean,
+                                    part_dy, part_dy_dev, coefficients)
+    if columns:                                # dgamma, dbeta: written with the coefficients
+        return
+    for g in range(G):
+        for k in range(K):
             dbeta2[g, k] = 0.0
             dgamma2[g, k] = 0.0
-    for j in range(part_dy.shape[0]):
-        for g in range(dgamma2.shape[0]):
-            for k in range(dgamma2.shape[1]):
+    for j in range(chunks):
+        for g in range(G):
+            for k in range(K):
                 dbeta2[g, k] += part_dy[j, g, k]
                 dgamma2[g, k] += part_dy_dev[j, g, k]
 
 
-@jit()
-def _backward_workspace(x4, B):
-    """Partial sums: planes (chunks, G, K) per chunk of row-groups; columns (V, J, C) per
-    chunk of rows; and the columns' dx coefficients (4, V, C) in x's dtype."""
-    N, G, K, _ = x4.shape
-    V = N // B
-    columns, _, J, _ = _columns(x4, B)
-    P0, P1, P2 = (V, J, G) if columns else (min(V, _MAX_CHUNKS), G, K)
-    return (np.zeros((P0, P1, P2)), np.zeros((P0, P1, P2)),
-            np.empty((4, V, G if columns else 0), x4.dtype))
-
-
-def _backward_steps(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2, masked,
-                    dx4, dgamma2, dbeta2, parallel):
-    """The steps of a backward call (``parallel`` as for :func:`_forward_steps`)."""
-    _prepare(x4, B, gamma2, mask2, masked, dy4, mean, var, count, -1)
-    if dx4.shape != x4.shape:
-        raise ValueError("out must have the shape of x")
-    if (dgamma2.shape[0] != gamma2.shape[0] or dgamma2.shape[1] != gamma2.shape[1]
-            or dbeta2.shape[0] != gamma2.shape[0] or dbeta2.shape[1] != gamma2.shape[1]):
-        raise ValueError("dgamma and dbeta must have shape (G, K)")
-    V, G = x4.shape[0] // B, x4.shape[1]
-    columns, _, J, _ = _columns(x4, B)
-    part_dy, part_dy_dev, coefficients = _backward_workspace(x4, B)
-    if not columns:
-        n = part_dy.shape[0] * G
-        for run in prange(_runs(parallel, n)):
-            start, stop = _items(parallel, run, n)
-            _planes_backward_items(start, stop, (dy4, x4, B, gamma2, mean, var, count, eps,
-                                                 centered, frozen, mask2, masked, dx4, part_dy,
-                                                 part_dy_dev))
-        _sum_parts(part_dy, part_dy_dev, dgamma2, dbeta2)
-        return
-    for phase in range(_ROWS_SUMS, _ROWS_DX + 1, 2):
-        if phase == _ROWS_DX:
-            _rows_coefficients(gamma2, mean, var, count, eps, centered, frozen, part_dy,
-                               part_dy_dev, coefficients, dgamma2, dbeta2)
-        for run in prange(_runs(parallel, V * J)):
-            start, stop = _items(parallel, run, V * J)
-            _columns_backward_items(start, stop, (phase, dy4, x4, dx4, B, mask2, masked, mean,
-                                                  part_dy, part_dy_dev, coefficients))
+backward_serial, backward_parallel = serial_and_parallel(_backward_loop)
 
 
 @jit()
@@ -1023,35 +920,25 @@ def backward(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
              dgamma2, dbeta2):
     """Gradient of :func:`forward`: dx into dx4, dgamma and dbeta (G, K) float64 into
     dgamma2, dbeta2 (overwritten). mean, var (V, G) and count (V,) as forward wrote them;
-    ``frozen``: the statistics are constants (evaluation mode). Parallel as :func:`forward`."""
+    ``frozen``: the statistics are constants (evaluation mode)."""
     if x4.size >= PARALLEL_MIN_SIZE:
         backward_parallel(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
-                          masked, dx4, dgamma2, dbeta2, True)
+                           masked, dx4, dgamma2, dbeta2)
     else:
         backward_serial(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
-                        masked, dx4, dgamma2, dbeta2, False)
-
-
-#: The twins: (..., parallel=False) on the calling thread; (..., parallel=True) with ``prange``.
-forward_serial, forward_parallel = serial_and_parallel(_forward_steps)
-backward_serial, backward_parallel = serial_and_parallel(_backward_steps)
+                         masked, dx4, dgamma2, dbeta2)
 
 
 def run_forward(x4, *args):
-    """:func:`forward` from Python (same arguments): an input of PARALLEL_MIN_SIZE values or
-    more in the parallel twin, a smaller one as Python calling the jitted helpers."""
-    if x4.size >= PARALLEL_MIN_SIZE:
-        forward_parallel(x4, *args, True)
-    else:
-        _forward_steps(x4, *args, False)
+    """:func:`forward` from Python, compiling only the twin this size takes (same arguments)."""
+    driver = forward_parallel if x4.size >= PARALLEL_MIN_SIZE else forward_serial
+    driver(x4, *args)
 
 
 def run_backward(dy4, x4, *args):
-    """:func:`backward` from Python (same arguments), as :func:`run_forward`."""
-    if x4.size >= PARALLEL_MIN_SIZE:
-        backward_parallel(dy4, x4, *args, True)
-    else:
-        _backward_steps(dy4, x4, *args, False)
+    """:func:`backward` from Python, compiling only the twin this size takes (same arguments)."""
+    driver = backward_parallel if x4.size >= PARALLEL_MIN_SIZE else backward_serial
+    driver(dy4, x4, *args)
 
 
 @jit()

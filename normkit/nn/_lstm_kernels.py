@@ -35,8 +35,8 @@ Backpropagation through time, dh and dc being dL/dh_t and dL/dc_t from later ste
 and after the loop dW_h = sum_t h_{t-1}^T dr_t as ONE GEMM over (T*N) rows, dh0 = dh, dc0 = dc.
 
 Activations: float64 takes libm's exp and tanh (exact to the last ulp or so, as the tests
-against PyTorch in float64 need). float32 takes a rational approximation of tanh (Eigen's
-``generic_fast_tanh_float``, 13/6 degrees on [-7.9, 7.9], within 6 float32 ulps) and
+against PyTorch in float64 need). float32 takes a rational approximation of tanh
+(``normkit.kernels.pointwise.tanh_float32``, within 6 float32 ulps) and
 sigmoid(a) = 0.5 + 0.5 tanh(a / 2): plain arithmetic, so LLVM vectorizes the gate loops, where a
 call to libm's expf/tanhf per element costs 5-25x more (numba has no vector math library here).
 """
@@ -46,29 +46,10 @@ import numpy as np
 
 from ..kernels import _engine
 from ..kernels._jit import jit
+from ..kernels.pointwise import tanh_float32 as _tanh_rational
 
 #: Normalization of the recurrent term and of the cell.
 NORM_NONE, NORM_BATCH, NORM_LAYER = 0, 1, 2
-
-
-@jit(inline=True)
-def _tanh_rational(x):
-    """tanh(x) for float32 x: max error 3.5e-7 (<= 6 ulp)."""
-    clip = np.float32(7.90531110763549805)
-    x = min(max(x, -clip), clip)
-    x2 = x * x
-    p = np.float32(-2.76076847742355e-16)
-    p = p * x2 + np.float32(2.00018790482477e-13)
-    p = p * x2 + np.float32(-8.60467152213735e-11)
-    p = p * x2 + np.float32(5.12229709037114e-08)
-    p = p * x2 + np.float32(1.48572235717979e-05)
-    p = p * x2 + np.float32(6.37261928875436e-04)
-    p = p * x2 + np.float32(4.89352455891786e-03)
-    q = np.float32(1.19825839466702e-06)
-    q = q * x2 + np.float32(1.18534705686654e-04)
-    q = q * x2 + np.float32(2.26843463243900e-03)
-    q = q * x2 + np.float32(4.89352518554385e-03)
-    return p * x / q
 
 
 @jit(inline=True)
@@ -124,8 +105,7 @@ def _norm_step(kind, batch_stats, v, mask, t, valid, gamma, beta, frozen_mean, f
             var[t, 0, f] = frozen_var[s, f]
         mode = _engine.APPLY_ONLY
     _engine.forward_serial(x4, B, gamma2, beta2, eps, True, mask[t].reshape((N, 1)),
-                           valid < N, out.reshape(x4.shape), mean[t], var[t], count[t], mode,
-                           False)
+                           valid < N, out.reshape(x4.shape), mean[t], var[t], count[t], mode)
 
 
 @jit()
@@ -139,7 +119,7 @@ def _norm_backward_step(kind, batch_stats, dy, v, mask, t, valid, gamma, eps, me
     frozen = kind == NORM_BATCH and not batch_stats
     _engine.backward_serial(dy.reshape(x4.shape), x4, B, gamma2, mean[t], var[t], count[t], eps,
                             True, frozen, mask[t].reshape((N, 1)), valid < N,
-                            dx.reshape(x4.shape), dgamma2, dbeta2, False)
+                            dx.reshape(x4.shape), dgamma2, dbeta2)
     dgamma1 = dgamma2.reshape(F)
     dbeta1 = dbeta2.reshape(F)
     for f in range(F):
