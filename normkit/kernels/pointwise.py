@@ -91,7 +91,7 @@ def dyt_forward(x3, alpha, gamma, beta, y3):
 # t = tanh(alpha x), dt/dx = alpha (1 - t^2), dt/dalpha = x (1 - t^2):
 #   dbeta[c] = sum dy      dgamma[c] = sum dy t
 #   dx = dy gamma alpha (1 - t^2)      dalpha = sum dy gamma x (1 - t^2)
-@jit()
+@jit(reduction=True)
 def dyt_backward(dy3, x3, alpha, gamma, dx3, dgamma, dbeta):
     """Gradient of :func:`dyt_forward`: dx into dx3, dgamma/dbeta (C,) float64 overwritten;
     returns dalpha. Elementwise terms in x's dtype (as the forward), sums in float64."""
