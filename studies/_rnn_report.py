@@ -343,7 +343,7 @@ def section_gradient(frame: pd.DataFrame) -> Section | None:
     for model, name, source in (
             ("BN tanh RNN", "γ=1.0 makes dL/dh_t vanish over time in a batch-normalized tanh "
              "RNN, γ=0.1 does not", "Cooijmans et al. (2017), Sec. 4 and Fig. 1a (a "
-             "batch-normalized tanh RNN on permuted MNIST, at initialization)"),
+             "batch-normalized tanh RNN on sequential MNIST, at initialization)"),
             ("BN-LSTM", "(second measurement) the same in the BN-LSTM",
              "not claimed: Fig. 1a is about the tanh RNN; the LSTM's cell path carries "
              "gradients past the saturated tanh")):
