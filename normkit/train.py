@@ -393,17 +393,18 @@ def fit(model, criterion, optimizer, data, *, epochs: int, batch_size: int,
         lr_schedule: Callable[[float], float] | None = None,
         before_epoch: Callable[[int], Any] | None = None,
         error_fn: Callable[[np.ndarray, np.ndarray], float] | None = classification_errors,
-        eval_batch_size: int = 1000) -> History:
+        eval_batch_size: int = 1000, keep_last_batch: bool = False) -> History:
     """Train ``model`` for ``epochs`` over ``data = (x_train, y_train, x_test, y_test)``.
 
     Every epoch shuffles the training set with ``rng`` and takes ``len(x_train) // batch_size``
-    full batches (the remainder is left out of that epoch). A step is
+    full batches (the remainder is left out of that epoch; ``keep_last_batch=True``: trained on
+    as a last, smaller batch, as Keras' ``fit`` does). A step is
     ``criterion.forward(model.forward(x, training=True), y)``, ``model.backward(...)``,
     ``optimizer.step()``. ``lr_schedule(progress)`` (progress = steps done / all steps, in
     [0, 1)) sets ``optimizer.lr`` before each step; ``before_epoch(epoch)`` runs before an epoch,
     ``on_epoch(epoch, history)`` after it is recorded. ``error_fn(outputs, targets)`` counts the
     errors of a batch (None: errors are NaN). The test curve is :func:`evaluate` in evaluation
-    mode with ``eval_batch_size``.
+    mode with ``eval_batch_size``. The epoch's train loss and error are means over its examples.
 
     Stops at the first non-finite training loss (or when a parameter became non-finite) with
     ``history.diverged = True``; the recorded epochs are those that finished.
@@ -414,7 +415,10 @@ def fit(model, criterion, optimizer, data, *, epochs: int, batch_size: int,
     if len(x_train) != len(y_train) or len(x_test) != len(y_test):
         raise ValueError(f"x and y must have the same length: train {len(x_train)} vs "
                          f"{len(y_train)}, test {len(x_test)} vs {len(y_test)}")
+    keep_last_batch = _norms._check_bool("keep_last_batch", keep_last_batch)
     steps_per_epoch = len(x_train) // batch_size
+    if keep_last_batch:
+        steps_per_epoch = -(-len(x_train) // batch_size)
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {batch_size} is larger than the training set "
                          f"({len(x_train)} examples)")
@@ -438,14 +442,14 @@ def fit(model, criterion, optimizer, data, *, epochs: int, batch_size: int,
                 return history
             loss, outputs = result
             history.steps += 1
-            loss_sum += loss
+            loss_sum += loss * len(x_batch)
             if error_fn is not None:
                 error_sum += error_fn(outputs, y_batch)
         test_loss, test_error = evaluate(model, criterion, x_test, y_test,
                                          batch_size=eval_batch_size, error_fn=error_fn)
-        examples = steps_per_epoch * batch_size
+        examples = min(steps_per_epoch * batch_size, len(x_train))
         history.epoch.append(epoch)
-        history.train_loss.append(loss_sum / steps_per_epoch)
+        history.train_loss.append(loss_sum / examples)
         history.train_error.append(error_sum / examples if error_fn is not None else math.nan)
         history.test_loss.append(test_loss)
         history.test_error.append(test_error)

@@ -338,35 +338,6 @@ def run_saturation(config) -> dict:
 # 8. The Keras example
 # ---------------------------------------------------------------------------------------------
 
-def _fit_keeping_the_last_batch(model, criterion, optimizer, data, epochs: int,
-                                batch_size: int, rng: np.random.Generator) -> T.History:
-    """Keras' loop: each epoch shuffles and takes every batch, the last partial one included;
-    train error = the epoch's errors over its examples in training mode (Keras' running
-    accuracy), test error in evaluation mode after the epoch. Stops at a non-finite loss."""
-    x_train, y_train, x_test, y_test = data
-    history = T.History()
-    for epoch in range(epochs):
-        order = rng.permutation(len(x_train))
-        loss_sum, errors = 0.0, 0
-        for start in range(0, len(x_train), batch_size):
-            batch = order[start:start + batch_size]
-            result = T._train_step(model, criterion, optimizer, x_train[batch], y_train[batch])
-            if result is None:
-                history.diverged = True
-                return history
-            loss, outputs = result
-            history.steps += 1
-            loss_sum += loss * len(batch)
-            errors += T.classification_errors(outputs, y_train[batch])
-        test_loss, test_error = T.evaluate(model, criterion, x_test, y_test, batch_size=1000)
-        history.epoch.append(epoch)
-        history.train_loss.append(loss_sum / len(x_train))
-        history.train_error.append(errors / len(x_train))
-        history.test_loss.append(test_loss)
-        history.test_error.append(test_error)
-    return history
-
-
 def run_keras_example(config) -> dict:
     """The Keras example: scikit-learn's circles (CIRCLES, first CIRCLES_TRAIN points train),
     Dense(50, ReLU, He-uniform) [-> BatchNormalization before or after the ReLU] -> Dense(1,
@@ -380,9 +351,10 @@ def run_keras_example(config) -> dict:
     y_test = y_test.astype(np.float32).reshape(-1, 1)
     init_rng, order_rng = _generators(config.seed, 2)
     model = _mlp(config, 2, 1, init_rng, init="he_uniform", last_init="glorot_uniform")
-    history = _fit_keeping_the_last_batch(
-        model, BinaryCrossEntropy(), _optimizer(config, model, adam_eps=KERAS_ADAM_EPS),
-        (x_train, y_train, x_test, y_test), config.epochs, config.batch_size, order_rng)
+    history = T.fit(model, BinaryCrossEntropy(),
+                    _optimizer(config, model, adam_eps=KERAS_ADAM_EPS),
+                    (x_train, y_train, x_test, y_test), epochs=config.epochs,
+                    batch_size=config.batch_size, rng=order_rng, keep_last_batch=True)
     if history.diverged:
         _diverged(history)
     metrics = {}

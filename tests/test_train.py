@@ -406,3 +406,36 @@ def test_train_applies_the_renorm_schedule_every_epoch(monkeypatch):
     monkeypatch.setattr(T, "_renorm_schedule", spy)
     T.train(dataclasses.replace(MNIST1D, norm="renorm", epochs=4))
     assert seen == [(e, {T.renorm_limits(e, 4)}) for e in range(4)]
+
+
+class _CountingCriterion(SoftmaxCrossEntropy):
+    """Records the size of every training batch it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def forward(self, logits, targets):
+        self.sizes.append(len(targets))
+        return super().forward(logits, targets)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_keep_last_batch_trains_on_the_remainder_as_keras_does(keep):
+    """70 examples, batch 16: four full batches, and with keep_last_batch a fifth of 6; the
+    epoch's train loss and error are means over the examples it trained on."""
+    data = T.load_data(DIGITS)
+    small = (data[0][:70], data[1][:70], data[2][:32], data[3][:32])
+    model = T.build_model(DIGITS, (64,), 10, np.random.default_rng(0))
+    criterion = _CountingCriterion()
+    history = T.fit(model, criterion, SGD(model, lr=0.01), small, epochs=1, batch_size=16,
+                    rng=np.random.default_rng(0), keep_last_batch=keep)
+    train_sizes = criterion.sizes[:5 if keep else 4]               # then evaluation batches
+    assert train_sizes == ([16, 16, 16, 16, 6] if keep else [16, 16, 16, 16])
+    assert history.steps == len(train_sizes)
+    seen = sum(train_sizes)
+    assert 0 <= history.train_error[0] * seen <= seen
+    assert history.train_error[0] * seen == pytest.approx(round(history.train_error[0] * seen))
+    with pytest.raises(TypeError, match="keep_last_batch"):
+        T.fit(model, criterion, SGD(model, lr=0.01), small, epochs=1, batch_size=16,
+              rng=np.random.default_rng(0), keep_last_batch="yes")
