@@ -10,8 +10,9 @@ instance statistics switchable norm mixes) come from the statistics engine
                     C channels, L values per (row, channel) (the spatial axes, 1 for (N, C))
     per-channel parameters (C,) in x's dtype; statistics float64
 
-Every value is computed in float64 and rounded once when stored. Gradients of per-channel
-parameters are float64 (C,). Shapes are checked (ValueError naming the argument); values are not.
+Every value is computed in float64 and rounded once when stored, except Dynamic Tanh's
+elementwise terms, which float32 input computes in float32 with :func:`tanh_float32` (so the
+loops vectorize; its sums stay float64). Gradients of per-channel parameters are float64 (C,). Shapes are checked (ValueError naming the argument); values are not.
 """
 from __future__ import annotations
 
