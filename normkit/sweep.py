@@ -80,7 +80,11 @@ one header, then one line per finished run: the config fields, the declared metr
 
 Tables and figures: ``summarize`` reads runs.csv (``read_runs``) and writes ``table.md``,
 ``table.csv`` and ``<name>.png`` per figure; mean ± std over seeds of the ok runs, with counts of
-diverged and failed runs.
+diverged and failed runs. A table's CSV is numeric: a table whose cells are :class:`Stat`
+(``aggregate`` makes them) is written in long form with ``mean, std, n, diverged, failed``
+columns (:func:`numeric_table`). A study's curves (``Study.curves``: metrics ``<prefix><step>``,
+one column per epoch or time step in runs.csv, where each run is one line) also go to
+``curves.csv`` in long format: run id, varying fields, curve, step, value.
 """
 from __future__ import annotations
 
@@ -113,6 +117,7 @@ __all__ = [
     "expand_grid", "find_studies", "load_study", "results_dir",
     "open_executor", "run_sweep", "read_runs", "read_runs_file", "summarize",
     "aggregate", "summary_table", "markdown_table", "format_mean_std", "line_plot",
+    "Stat", "numeric_table", "legends_outside",
 ]
 
 log = logging.getLogger(__name__)
@@ -153,6 +158,9 @@ class Study:
     tables: Callable[[Any], Any] | None = None
     figures: Callable[[Any], Mapping[str, Any]] | None = None
     reports: Callable[[Any], Mapping[str, str]] | None = None
+    #: Metrics that are curves, ``{column prefix: curve name}``: the columns ``<prefix><step>``
+    #: (e.g. ``acc_epoch_01``..``acc_epoch_30``) also go to curves.csv in long format.
+    curves: Mapping[str, str] = dataclasses.field(default_factory=dict)
     description: str = ""
     source: Path | None = dataclasses.field(default=None, compare=False, repr=False)
 
@@ -181,6 +189,10 @@ class Study:
         for hook in ("tables", "figures", "reports"):
             if getattr(self, hook) is not None and not callable(getattr(self, hook)):
                 raise TypeError(f"Study {hook} must be callable or None")
+        for prefix, name in self.curves.items():
+            if not any(re.fullmatch(re.escape(prefix) + r"\d+", m) for m in self.metrics):
+                raise ValueError(f"Study curves: no metric is {prefix!r} followed by a step "
+                                 f"number (curve {name!r})")
         self.configs(quick=True)   # validates both grids now, not in the middle of a sweep
         self.configs(quick=False)
 
@@ -1010,9 +1022,15 @@ def summarize(study: Study, directory: str | os.PathLike, *, quick: bool = False
     for name, table in named.items():
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.")
         csv_path = directory / (f"table_{slug}.csv" if name else "table.csv")
-        text = table.to_csv(index=not isinstance(table.index, _range_index()))
+        long = numeric_table(table)
+        text = long.to_csv(index=False) if long is not None else table.to_csv(
+            index=not isinstance(table.index, _range_index()))
         _write_atomically(csv_path, text.encode("utf-8"))
         written.append(csv_path)
+    if study.curves and not frame.empty:
+        curves = curves_table(frame, study, quick=quick)
+        _write_atomically(directory / "curves.csv", curves.to_csv(index=False).encode("utf-8"))
+        written.append(directory / "curves.csv")
     markdown = _table_document(study, frame, named, left_out, quick)
     md_path = directory / "table.md"
     _write_atomically(md_path, markdown.encode("utf-8"))
@@ -1021,6 +1039,34 @@ def summarize(study: Study, directory: str | os.PathLike, *, quick: bool = False
         written += _write_figures(study, frame, directory)
         written += _write_reports(study, frame, directory)
     return written
+
+
+def run_id(config_fields_: Mapping[str, Any]) -> str:
+    """A run's id in curves.csv: 10 hex digits of a hash of its config fields' values."""
+    text = "\x1f".join(f"{k}={v}" for k, v in config_fields_.items())
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:10]
+
+
+def curves_table(frame: Any, study: Study, *, quick: bool = False) -> Any:
+    """The study's curves (``Study.curves``) in long format: ``run`` (:func:`run_id`), the
+    grid's varying fields and ``seed``, ``status``, ``curve``, ``step``, ``value``; one row
+    per recorded value (ok and diverged runs; steps a run did not reach are left out)."""
+    import pandas as pd
+
+    varying = _varying_fields(study.configs(quick))
+    varying += ["seed"] * ("seed" not in varying)
+    ids = [run_id(row) for row in frame[list(study.field_names)].to_dict("records")]
+    parts = []
+    for prefix, name in study.curves.items():
+        columns = [m for m in study.metrics if re.fullmatch(re.escape(prefix) + r"\d+", m)]
+        wide = frame[varying + ["status"] + columns].assign(run=ids)
+        long = wide.melt(id_vars=["run", *varying, "status"], value_vars=columns,
+                         var_name="step", value_name="value").dropna(subset=["value"])
+        parts.append(long.assign(curve=name, step=long["step"].str[len(prefix):].astype(int)))
+    columns = ["run", *varying, "status", "curve", "step", "value"]
+    if not parts:
+        return pd.DataFrame(columns=columns)
+    return pd.concat(parts, ignore_index=True)[columns]
 
 
 def _write_reports(study: Study, frame: Any, directory: Path) -> list[Path]:
@@ -1111,6 +1157,100 @@ def format_mean_std(mean: float, std: float, digits: int = 4) -> str:
     return f"{mean:.{digits}g} ± {std:.2g}"
 
 
+class Stat(str):
+    """A table cell: the text shown in table.md ("0.91 ± 0.01 (2 div)") carrying the numbers
+    behind it, so the table's CSV gets numeric ``mean``, ``std``, ``n`` (ok runs), ``diverged``
+    and ``failed`` columns (:func:`numeric_table`) instead of the text."""
+
+    mean: float
+    std: float
+    n: int
+    diverged: int
+    failed: int
+    digits: int
+
+    def __new__(cls, mean: float, std: float, n: int, diverged: int = 0, failed: int = 0,
+                digits: int = 4) -> "Stat":
+        diverged, failed = int(diverged), int(failed)
+        notes = [f"{diverged} div"] * bool(diverged) + [f"{failed} failed"] * bool(failed)
+        text = format_mean_std(mean, std, digits) + (f" ({', '.join(notes)})" if notes else "")
+        cell = super().__new__(cls, text)
+        cell.mean, cell.std, cell.n = float(mean), float(std), int(n)
+        cell.diverged, cell.failed, cell.digits = int(diverged), int(failed), digits
+        return cell
+
+    @classmethod
+    def of(cls, values: Iterable[float], scale: float = 1.0, digits: int = 4,
+           diverged: int = 0, failed: int = 0) -> "Stat":
+        """Mean and std (ddof=1; NaN for one value) of the non-NaN ``values`` times ``scale``."""
+        kept = [scale * float(v) for v in values if not math.isnan(float(v))]
+        n = len(kept)
+        mean = math.fsum(kept) / n if n else math.nan
+        std = math.sqrt(math.fsum((v - mean) ** 2 for v in kept) / (n - 1)) if n > 1 else math.nan
+        return cls(mean, std, n, diverged, failed, digits)
+
+    def __getnewargs__(self) -> tuple:         # pickling (a table sent between processes)
+        return self.mean, self.std, self.n, self.diverged, self.failed, self.digits
+
+
+#: Cells that mean "nothing here" in a table: left out of its numeric CSV.
+EMPTY_CELLS = frozenset({"", "—", "-"})
+
+
+def numeric_table(table: Any) -> Any | None:
+    """The long, numeric form of a table with :class:`Stat` cells, for its CSV: one row per
+    cell, the row labels, the column label(s) (named by the table's column index, else
+    ``column``), then ``mean, std, n, diverged, failed`` and ``note`` (a cell that is text, such
+    as "n/a", or a plain number such as a published reference, which goes into ``mean``).
+    Empty cells ("—") are left out. None if the table has no Stat cell."""
+    import pandas as pd
+
+    flat = table if (isinstance(table.index, pd.RangeIndex) and table.index.name is None) \
+        else table.reset_index()
+    stat_columns = [c for c in flat.columns
+                    if any(isinstance(v, Stat) for v in flat[c].tolist())]
+    if not stat_columns:
+        return None
+    label_columns = [c for c in flat.columns if c not in stat_columns]
+    names = list(table.columns.names)
+    if any(n is None for n in names) or len(set(names)) != len(names) \
+            or set(names) & {str(c) for c in label_columns}:
+        names = ["column"]
+    records = []
+    for _, row in flat.iterrows():
+        labels = {" · ".join(map(str, c)) if isinstance(c, tuple) else str(c): row[c]
+                  for c in label_columns}
+        for column in stat_columns:
+            cell = row[column]
+            if len(names) > 1:
+                where = dict(zip(names, column))
+            else:
+                where = {names[0]: " · ".join(map(str, column)) if isinstance(column, tuple)
+                         else column}
+            entry = dict(mean=math.nan, std=math.nan, n=math.nan, diverged=math.nan,
+                         failed=math.nan, note="")
+            if isinstance(cell, Stat):
+                entry.update(mean=cell.mean, std=cell.std, n=cell.n, diverged=cell.diverged,
+                             failed=cell.failed)
+            elif isinstance(cell, numbers.Real) and not isinstance(cell, bool):
+                if math.isnan(float(cell)):
+                    continue
+                entry["mean"] = float(cell)
+            elif cell is None or str(cell).strip() in EMPTY_CELLS:
+                continue
+            else:
+                try:
+                    entry["mean"] = float(str(cell).rstrip("%").strip())
+                except ValueError:
+                    entry["note"] = str(cell)
+            records.append({**labels, **where, **entry})
+    long = pd.DataFrame(records)
+    for column in ("n", "diverged", "failed"):
+        if column in long:
+            long[column] = long[column].astype("Int64")
+    return long
+
+
 def _group_stats(frame: Any, by: list[str], metrics: Sequence[str]) -> Any:
     """Per group: mean and std (ddof=1) of each metric over ok runs; counts of each status."""
     ok = frame["status"] == "ok"
@@ -1144,11 +1284,9 @@ def aggregate(frame: Any, rows: str | Sequence[str], cols: str | Sequence[str], 
     cols = [cols] if isinstance(cols, str) else list(cols)
     stats = _group_stats(frame, rows + cols, [value])
 
-    def cell(r: Any) -> str:
-        text = format_mean_std(r[f"{value}_mean"], r[f"{value}_std"], digits)
-        diverged, failed = int(r["diverged"]), int(r["failed"])
-        notes = [f"{diverged} div"] * bool(diverged) + [f"{failed} failed"] * bool(failed)
-        return text + (f" ({', '.join(notes)})" if notes else "")
+    def cell(r: Any) -> Stat:
+        return Stat(r[f"{value}_mean"], r[f"{value}_std"], r["ok"], r["diverged"],
+                    r["failed"], digits)
 
     cells = stats.apply(cell, axis=1)
     table = cells.unstack(cols) if cols else cells.to_frame(value)
@@ -1200,5 +1338,24 @@ def line_plot(frame: Any, x: str, y: str, hue: str | None = None, *, logx: bool 
         axes.legend(title=hue)
     if title:
         axes.set_title(title)
+    legends_outside(figure)
     figure.tight_layout()
     return figure
+
+
+def legends_outside(figure: Any, fontsize: float = 7) -> None:
+    """Move every axes' legend out of the data, to just under the axes (its x label), in
+    columns; call it after drawing, before ``tight_layout``."""
+    for axes in figure.axes:
+        legend = axes.get_legend()
+        if legend is None:
+            continue
+        handles = list(legend.legend_handles)
+        labels = [text.get_text() for text in legend.get_texts()]
+        title = legend.get_title().get_text() or None
+        legend.remove()
+        if not labels:
+            continue
+        axes.legend(handles, labels, title=title, fontsize=fontsize, title_fontsize=fontsize,
+                    loc="upper center", bbox_to_anchor=(0.5, -0.27), frameon=False,
+                    ncol=max(1, min(3, (len(labels) + 3) // 4)))

@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from normkit.sweep import aggregate, format_mean_std, markdown_table
+from normkit.sweep import Stat, legends_outside, aggregate, markdown_table
 
 from _claims_experiments import (CIRCLES, CIRCLES_FACTOR, CIRCLES_TRAIN, CURVE_EPOCHS,
                                  DIGITS_TEST, KERAS_ADAM_EPS, LANDSCAPE_STEPS, MNIST1D_SAMPLES,
                                  SATURATION_EPOCHS, TARGET_ERROR)
 from _claims_measure import SATURATION_DERIVATIVE, SATURATION_Z
-from _verdicts import (FAILS, HOLDS, MIXED, UNDETERMINED, Combined, Difference, Level, Outcome,
+from _verdicts import (HOLDS, Combined, Difference, Level, Outcome,
                        Summary, arm, verdicts_csv)
 from _verdicts import difference as _difference
 
@@ -45,6 +45,7 @@ class ClaimReport:
     tables: dict[str, pd.DataFrame]
     draw: Callable[[Figure], None]
     figsize: tuple[float, float] = (10, 3.6)
+    caption: str = "Lines: mean over the seeds; bands: ± 1 standard deviation over the seeds."
     notes: list[str] = dataclasses.field(default_factory=list)
     extra: list[tuple[str, Outcome]] = dataclasses.field(default_factory=list)  # (title, outcome)
 
@@ -66,11 +67,9 @@ def _mean(frame: pd.DataFrame, by: list[str], column: str) -> pd.Series:
     return _ok(frame).groupby(by)[column].mean()
 
 
-def _pm(values: pd.Series, digits: int = 3) -> str:
-    values = values.dropna()
-    if values.empty:
-        return "—"
-    return format_mean_std(values.mean(), values.std() if len(values) > 1 else math.nan, digits)
+def _pm(values: pd.Series, digits: int = 3) -> Stat:
+    """mean ± std of the values (a table cell that keeps its numbers for the CSV)."""
+    return Stat.of(values.dropna().astype(float), digits=digits)
 
 
 def _one(frame: pd.DataFrame, column: str) -> str:
@@ -105,7 +104,8 @@ def _axes_row(figure: Figure, count: int):
 
 def _band(axes, x, mean, std, label, color=None, **style):
     mean, std = np.asarray(mean, float), np.nan_to_num(np.asarray(std, float))
-    line, = axes.plot(x, mean, marker="o", markersize=3, label=label, color=color, **style)
+    line, = axes.plot(x, mean, label=label, color=color, **{"marker": "o", "markersize": 3,
+                                                             **style})
     axes.fill_between(x, mean - std, mean + std, alpha=0.15, color=line.get_color())
 
 
@@ -274,11 +274,16 @@ def analyze_initialization(frame: pd.DataFrame) -> ClaimReport:
 
     def draw(figure: Figure) -> None:
         left, middle, right = _axes_row(figure, 3)
+        per_run = np.exp(np.log(frame[hidden].clip(lower=1e-300)).mean(axis=1))
         for norm, rows in frame.groupby("norm", sort=False):
             stats = rows.groupby("init_scale")["error_or_chance"]
             _band(left, stats.mean().index, stats.mean(), stats.std(), norm, NORM_COLORS.get(norm))
+            quartiles = per_run[rows.index].groupby(rows["init_scale"]).quantile([0.25, 0.75])
             middle.plot(typical.xs(norm).index, typical.xs(norm), marker="o", label=norm,
                         color=NORM_COLORS.get(norm))
+            middle.fill_between(typical.xs(norm).index, quartiles.xs(0.25, level=1),
+                                quartiles.xs(0.75, level=1), alpha=0.15,
+                                color=NORM_COLORS.get(norm))
         scales = sorted(frame["init_scale"].unique())
         colors = dict(zip(scales, ("tab:purple", "tab:blue", "tab:green", "tab:red", "tab:brown")))
         for (norm, scale), row in grads.iterrows():
@@ -320,7 +325,11 @@ def analyze_initialization(frame: pd.DataFrame) -> ClaimReport:
         tables={"final test error": error_table,
                 f"epochs to test error {TARGET_ERROR}": epochs_table,
                 "gradient norms at init (median over seeds)": grad_table.reset_index()},
-        draw=draw, figsize=(13, 3.8))
+        draw=draw, figsize=(13, 3.8),
+        caption="Left: mean over the seeds, band ± 1 standard deviation (diverged runs counted "
+                "as chance). Middle: median over the seeds of the hidden layers' geometric-mean "
+                "gradient norm; band: the seeds' interquartile range. Right: median over the "
+                "seeds, per layer.")
 
 
 def _spread_text(spread: dict) -> str:
@@ -509,7 +518,9 @@ def analyze_cost(frame: pd.DataFrame) -> ClaimReport:
              f"folded inference time is reported, not judged.",
         outcome=rule.judge(frame), evidence="; ".join(lines) + ".",
         tables={"time per call, and relative to none": table.round(4)}, draw=draw,
-        figsize=(10, 3.6))
+        figsize=(10, 3.6),
+        caption="Bars: median over the runs of the time relative to the same model without "
+                "normalization (linear axis; 1 = no cost).")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -569,21 +580,25 @@ def analyze_covariate_shift(frame: pd.DataFrame) -> ClaimReport:
     def draw(figure: Figure) -> None:
         left, middle, right = _axes_row(figure, 3)
         layers = [int(c.rsplit("_", 1)[1]) for c in rel]
-        for (lr, norm), row in ok.groupby(["lr", "norm"])[rel + cos].mean().iterrows():
-            style = dict(color=NORM_COLORS.get(norm), marker="o", markersize=3,
-                         linestyle="-" if lr == ok["lr"].max() else ":",
-                         label=f"{norm}, lr {lr:g}")
-            left.plot(layers, row[rel].values, **style)
-            middle.plot(layers, row[cos].values, **style)
+        grouped = ok.groupby(["lr", "norm"])
         keys = ["loss_range", "gradient_change"]
         groups = list(means.index)
-        width = 0.8 / max(len(groups), 1)
-        for i, (lr, norm) in enumerate(groups):
-            right.bar(np.arange(len(keys)) + i * width, means.loc[(lr, norm), keys].values,
-                      width, label=f"{norm}, lr {lr:g}", color=NORM_COLORS.get(norm),
-                      alpha=1.0 if lr == ok["lr"].max() else 0.5)
-        right.set_xticks(np.arange(len(keys)) + 0.4 - width / 2,
-                         ["loss range", "rel. gradient change"], fontsize=8)
+        width = 0.6 / max(len(groups), 1)
+        for i, ((lr, norm), rows) in enumerate(grouped):
+            style = dict(linestyle="-" if lr == ok["lr"].max() else ":")
+            label = f"{norm}, lr {lr:g}"
+            _band(left, layers, rows[rel].mean(), rows[rel].std(), label,
+                  NORM_COLORS.get(norm), **style)
+            _band(middle, layers, rows[cos].mean(), rows[cos].std(), label,
+                  NORM_COLORS.get(norm), **style)
+            right.errorbar(np.arange(len(keys)) + (i - (len(groups) - 1) / 2) * width,
+                           rows[keys].mean().values, yerr=rows[keys].std().fillna(0).values,
+                           marker="o", linestyle="none", capsize=3, label=label,
+                           color=NORM_COLORS.get(norm),
+                           alpha=1.0 if lr == ok["lr"].max() else 0.5)
+        right.set_xticks(np.arange(len(keys)), ["loss range", "rel. gradient change"],
+                         fontsize=8)
+        right.set_xlim(-0.5, len(keys) - 0.5)
         right.set_yscale("log")
         left.set(xlabel="layer", ylabel="||G - G'|| / ||G||")
         middle.set(xlabel="layer", ylabel="cos(G, G')")
@@ -688,11 +703,10 @@ def analyze_inference(frame: pd.DataFrame) -> ClaimReport:
                   linestyle=style)
         for bs in sorted(ok["batch_size"].unique()):
             stats = ok[ok["batch_size"] == bs].groupby("bn_momentum")
-            line, = right.plot(stats["stat_error"].mean().index, stats["stat_error"].mean(),
-                               marker="o", label=f"batch {bs}, running")
-            right.plot(stats["stat_error_precise"].mean().index,
-                       stats["stat_error_precise"].mean(), marker="s", linestyle="--",
-                       color=line.get_color(), label=f"batch {bs}, precise")
+            for column, name, style in (("stat_error", "running", "-"),
+                                        ("stat_error_precise", "precise", "--")):
+                _band(right, stats[column].mean().index, stats[column].mean(),
+                      stats[column].std(), f"batch {bs}, {name}", linestyle=style)
         left.set(xscale="log", xlabel="batch norm momentum (weight of the new batch)",
                  ylabel="test error")
         right.set(xscale="log", yscale="log", xlabel="batch norm momentum",
@@ -779,11 +793,12 @@ def analyze_saturation(frame: pd.DataFrame) -> ClaimReport:
             for norm in ok["norm"].unique():
                 if (activation, norm) not in over_time.index:
                     continue
-                row = over_time.loc[(activation, norm)].dropna()
-                top.plot([int(c.split()[1]) for c in row.index], row.values, marker="o",
-                         markersize=3, label=norm, color=NORM_COLORS.get(norm))
-                bottom.plot(range(len(final)), per_layer.loc[(activation, norm)].values,
-                            marker="o", markersize=3, label=norm, color=NORM_COLORS.get(norm))
+                rows = ok[(ok["activation"] == activation) & (ok["norm"] == norm)]
+                shown = [c for c in epochs if rows[c].notna().any()]
+                _band(top, [int(c[5:]) for c in shown], rows[shown].mean(), rows[shown].std(),
+                      norm, NORM_COLORS.get(norm))
+                _band(bottom, range(len(final)), rows[final].mean(), rows[final].std(), norm,
+                      NORM_COLORS.get(norm))
             top.set(xlabel="epoch", ylabel="saturated fraction (mean over layers)")
             bottom.set(xlabel="layer", ylabel="saturated fraction at the end")
             top.set_title(f"{activation}: derivative < {SATURATION_DERIVATIVE}", fontsize=9)
@@ -879,12 +894,12 @@ def analyze_keras_example(frame: pd.DataFrame) -> ClaimReport:
             for variant in colors:
                 if (optimizer, variant) not in curves.index:
                     continue
-                row = curves.loc[(optimizer, variant)]
+                rows = ok[(ok["optimizer"] == optimizer) & (ok["variant"] == variant)]
                 epochs = [int(c[-3:]) for c in test_cols]
-                axes.plot(epochs, row[test_cols].values, color=colors[variant],
-                          label=f"{variant}, test")
-                axes.plot(epochs, row[train_cols].values, color=colors[variant],
-                          linestyle="--", label=f"{variant}, train")
+                _band(axes, epochs, rows[test_cols].mean(), rows[test_cols].std(),
+                      f"{variant}, test", colors[variant], marker="none")
+                axes.plot(epochs, rows[train_cols].mean().values, color=colors[variant],
+                          linestyle="--", label=f"{variant}, train (mean)")
             axes.set(xlabel="epoch", ylabel="accuracy (mean over seeds)", ylim=(0.4, 1.0))
             axes.set_title(f"circles, {optimizer}", fontsize=9)
             axes.legend(fontsize=7)
@@ -918,6 +933,8 @@ def analyze_keras_example(frame: pd.DataFrame) -> ClaimReport:
         outcome=rule.judge(frame), evidence="; ".join(lines) + ".",
         tables={"final accuracy": accuracy, "mean test accuracy per epoch": curve_table.round(3)},
         draw=draw, figsize=(10, 3.8),
+        caption="Solid: test accuracy (evaluation mode), mean over the seeds with a ± 1 "
+                "standard deviation band; dashed: train accuracy (training mode), mean.",
         notes=["A small momentum (the weight of the new batch) makes the running statistics lag "
                "the weights over the first epochs, so evaluation-mode test accuracy can trail "
                "the training-mode train accuracy by a wide margin (see claim 6)."],
@@ -991,11 +1008,9 @@ def figures(frame: pd.DataFrame) -> dict[str, Figure]:
         figure = Figure(figsize=report.figsize)
         report.draw(figure)
         figure.suptitle(report.title, fontsize=10)
+        legends_outside(figure)
         figure.tight_layout()
         out[claim] = figure
-    overview = Figure(figsize=(8, 0.6 + 0.35 * (len(reports) + 1)))
-    _draw_verdicts(overview, reports)
-    out["verdicts"] = overview
     return out
 
 
@@ -1007,20 +1022,6 @@ def reports(frame: pd.DataFrame) -> dict[str, str]:
             "verdicts.csv": verdicts_csv("claims", judged(analyzed))}
 
 
-def _draw_verdicts(figure: Figure, reports: dict[str, ClaimReport]) -> None:
-    axes = figure.add_subplot()
-    axes.axis("off")
-    table = verdict_table(reports)
-    colors = {HOLDS: "#c8e6c9", FAILS: "#ffcdd2", MIXED: "#fff9c4", UNDETERMINED: "#e0e0e0"}
-    cells = table[["claim", "verdict"]].values.tolist()
-    drawn = axes.table(cellText=cells, colLabels=["claim", "verdict here"], loc="center",
-                       cellLoc="left")
-    for i, verdict in enumerate(table["verdict"], start=1):
-        drawn[i, 1].set_facecolor(colors.get(verdict.split(" (")[0], "white"))
-    drawn.auto_set_column_width([0, 1])
-    axes.set_title("What batch norm is said to do: verdicts on the claims study", fontsize=10)
-
-
 def claim_markdown(report: ClaimReport) -> str:
     lines = [f"# {report.title}", "", f"**Verdict here: {report.verdict}.** {report.evidence}", "",
              f"**Numbers the rule read** (n_min {report.outcome.n_min}): "
@@ -1030,7 +1031,7 @@ def claim_markdown(report: ClaimReport) -> str:
     for title, outcome in report.extra:
         lines += [f"**{title}: {outcome.label}** (rule above; n_min {outcome.n_min}; numbers: "
                   f"{outcome.numbers_text()}).", ""]
-    lines += [f"![{report.title}]({report.claim}.png)", ""]
+    lines += [f"![{report.title}]({report.claim}.png)", "", f"*{report.caption}*", ""]
     for note in report.notes:
         lines += [f"Note: {note}", ""]
     for title, table in report.tables.items():

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
-from normkit.sweep import format_mean_std, markdown_table
+from normkit.sweep import Stat, legends_outside, markdown_table
 
 from _verdicts import Combined, Difference, Level, Outcome, arm, verdicts_csv
 from _verdicts import difference as _difference
@@ -65,6 +65,8 @@ class Section:
     verdicts: list[Verdict] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
     figsize: tuple[float, float] = (10, 3.6)
+    caption: str = ("Lines: mean over the seeds; bands: ± 1 standard deviation over the seeds "
+                    "(n as in the table).")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,19 +121,16 @@ def _diff_text(lower: pd.Series, higher: pd.Series, scale: float = 100, digits: 
     return f"{scale * difference:+.{digits}f} ± {scale * error:.{digits}f}{unit}"
 
 
-def _pm(values: pd.Series, scale: float = 1.0, digits: int = 3) -> str:
-    values = values.dropna().astype(float) * scale
-    if values.empty:
-        return "—"
-    return format_mean_std(values.mean(), values.std() if len(values) > 1 else math.nan, digits)
+def _pm(values: pd.Series, scale: float = 1.0, digits: int = 3) -> Stat:
+    """mean ± std of the values times ``scale`` (a table cell that keeps its numbers)."""
+    return Stat.of(values.dropna().astype(float), scale, digits)
 
 
-def _cell(part: pd.DataFrame, column: str, scale: float = 1.0, digits: int = 3) -> str:
+def _cell(part: pd.DataFrame, column: str, scale: float = 1.0, digits: int = 3) -> Stat:
     """mean ± std over the ok runs, with the count of diverged/failed runs if any."""
-    text = _pm(_ok(part)[column], scale, digits)
-    notes = [f"{int((part['status'] == s).sum())} {s}" for s in ("diverged", "failed")
-             if (part["status"] == s).any()]
-    return text + (f" ({', '.join(notes)})" if notes else "")
+    return Stat.of(_ok(part)[column].dropna().astype(float), scale, digits,
+                   diverged=int((part["status"] == "diverged").sum()),
+                   failed=int((part["status"] == "failed").sum()))
 
 
 def _seeds(frame: pd.DataFrame) -> int:
@@ -276,17 +275,9 @@ def section_classify(frame: pd.DataFrame) -> Section | None:
         axes_row = [figure.add_subplot(1, len(tasks), i + 1) for i in range(len(tasks))]
         for axes, task in zip(axes_row, tasks):
             part = runs[runs["task"] == task]
-            columns = _curve_columns(part)
-            epochs = [int(c.rsplit("_", 1)[1]) for c in columns]
             for variant in variants:
-                values = _ok(part[part["variant"] == variant])[columns].astype(float)
-                if values.empty:
-                    continue
-                mean, std = values.mean(), values.std().fillna(0)
-                line, = axes.plot(epochs, 100 * mean, marker="o", markersize=2.5, label=variant,
-                                  color=COLORS.get(variant))
-                axes.fill_between(epochs, 100 * (mean - std), 100 * (mean + std), alpha=0.15,
-                                  color=line.get_color())
+                _curve_band(axes, part[part["variant"] == variant], variant,
+                            COLORS.get(variant))
             axes.set(xlabel="epoch", ylabel="test accuracy (%)", title=TASK_NAMES[task])
             _integer_epochs(axes)
             axes.title.set_fontsize(9)
@@ -305,6 +296,19 @@ def section_classify(frame: pd.DataFrame) -> Section | None:
 # ---------------------------------------------------------------------------------------------
 # 2. Gradient flow
 # ---------------------------------------------------------------------------------------------
+
+def _curve_band(axes, part: pd.DataFrame, label: str, color=None, scale: float = 100.0):
+    """The ok runs' per-epoch test accuracy: mean line, ± 1 std band over the seeds."""
+    columns = _curve_columns(part)
+    values = _ok(part)[columns].astype(float)
+    if values.empty:
+        return
+    epochs = [int(c.rsplit("_", 1)[1]) for c in columns]
+    mean, std = values.mean(), values.std().fillna(0)
+    line, = axes.plot(epochs, scale * mean, marker="o", markersize=2.5, label=label, color=color)
+    axes.fill_between(epochs, scale * (mean - std), scale * (mean + std), alpha=0.15,
+                      color=line.get_color())
+
 
 def _grad_columns(frame):
     return [c for c in frame.columns if c.startswith("grad_t") and frame[c].notna().any()]
@@ -380,10 +384,14 @@ def section_gradient(frame: pd.DataFrame) -> Section | None:
             axes = figure.add_subplot(1, len(panels), k + 1)
             bn = [v for v in names if v.startswith("BN")]
             for variant in names:
-                geo = _geometric_curve(runs[runs["variant"] == variant], columns)
+                logs = np.log(runs.loc[runs["variant"] == variant, columns].astype(float))
                 style = (dict(color=cmap(bn.index(variant) / max(1, len(bn) - 1)))
                          if variant in bn else dict(color=COLORS.get(variant), linestyle="--"))
-                axes.plot(range(T), geo.values, label=variant, **style)
+                centre, spread = logs.mean(), logs.std().fillna(0)
+                axes.plot(range(T), np.exp(centre.values), label=variant, **style)
+                axes.fill_between(range(T), np.exp((centre - spread).values),
+                                  np.exp((centre + spread).values), alpha=0.12,
+                                  color=style["color"])
             axes.set(yscale="log", xlabel="t", ylabel="‖dLoss/dh_t‖ (geometric mean over seeds)",
                      title=f"{title}, hidden {_one(runs, 'hidden')}")
             axes.title.set_fontsize(9)
@@ -404,7 +412,9 @@ def section_gradient(frame: pd.DataFrame) -> Section | None:
         f"how deep the gradient dips in between. An LSTM curve can rise again towards t=0: the "
         f"first cells c_t have a small spread over the batch and the batch norm on c_t divides "
         f"by it.",
-        {"gradient norm at initialization": table}, draw, verdicts, figsize=(11, 4))
+        {"gradient norm at initialization": table}, draw, verdicts, figsize=(11, 4),
+        caption="Lines: geometric mean over the seeds; bands: the geometric mean times and "
+                "divided by one geometric standard deviation over the seeds; log axis.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,10 +448,7 @@ def section_shared(frame: pd.DataFrame) -> Section | None:
     def draw(figure):
         axes = figure.add_subplot()
         for s, part in runs.groupby("statistics", sort=False):
-            columns = _curve_columns(part)
-            values = _ok(part)[columns].astype(float)
-            axes.plot([int(c.rsplit('_', 1)[1]) for c in columns], 100 * values.mean(),
-                      marker="o", markersize=2.5, label=s)
+            _curve_band(axes, part, s)
         axes.set(xlabel="epoch", ylabel="test accuracy (%)",
                  title="BN-LSTM γ=0.1, permuted digits")
         _integer_epochs(axes)
@@ -621,10 +628,7 @@ def section_padding(frame: pd.DataFrame) -> Section | None:
     def draw(figure):
         axes = figure.add_subplot()
         for s, part in runs.groupby("statistics", sort=False):
-            columns = _curve_columns(part)
-            values = _ok(part)[columns].astype(float)
-            axes.plot([int(c.rsplit('_', 1)[1]) for c in columns], 100 * values.mean(),
-                      marker="o", markersize=2.5, label=s)
+            _curve_band(axes, part, s)
         axes.set(xlabel="epoch", ylabel="test accuracy (%)",
                  title="digits at variable speed (lengths 32..64), pre-padded")
         _integer_epochs(axes)
@@ -676,6 +680,7 @@ def figures(frame: pd.DataFrame) -> dict:
             continue
         figure = Figure(figsize=section.figsize)
         section.draw(figure)
+        legends_outside(figure)
         figure.tight_layout()
         out[section.key] = figure
     return out
@@ -716,7 +721,7 @@ def reports(frame: pd.DataFrame) -> dict[str, str]:
                       f"Numbers: {verdict.evidence}."]
         lines += [f"- {note}" for note in section.notes]
         if section.draw is not None:
-            lines += ["", f"![{section.title}]({section.key}.png)"]
+            lines += ["", f"![{section.title}]({section.key}.png)", "", f"*{section.caption}*"]
         lines += [""]
     return {"README.md": "\n".join(lines),
             "verdicts.csv": verdicts_csv("rnn", judged(found))}

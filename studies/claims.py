@@ -175,4 +175,6 @@ STUDY = Study(
     tables=tables,
     figures=figures,
     reports=reports,
+    curves={"sat_e": "saturated_fraction", "train_acc_e": "train_acc",
+            "test_acc_e": "test_acc"},
 )

@@ -191,4 +191,5 @@ STUDY = Study(
     tables=tables,
     figures=figures,
     reports=reports,
+    curves={"acc_epoch_": "test_acc", "grad_t": "grad_norm", "mse_T": "adding_test_mse"},
 )

@@ -47,7 +47,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from normkit.sweep import Study, aggregate, markdown_table
+from normkit.sweep import Study, aggregate, legends_outside, markdown_table
 from normkit.train import NotApplicable, TrainConfig, not_applicable_reason, train
 
 from _verdicts import HOLDS, MIXED, UNDETERMINED, Combined, Difference, arm, verdicts_csv
@@ -199,7 +199,7 @@ def _pivot(frame, model: str, value: str, scale: float, digits: int, with_paper:
                              index=list(PAPER), columns=sizes)
         table = pd.concat([table, paper])
     table.index.name = "norm"
-    table.columns = [str(size) for size in sizes]
+    table.columns = pd.Index([str(size) for size in sizes], name="batch_size")
     return table
 
 
@@ -211,6 +211,8 @@ def linear(frame):
 def fixed_lr_table(frame, model: str):
     """Test error (%) at the batch sizes of the fixed-rate arm: rows (norm, learning-rate
     rule), both rules side by side; None without fixed-rate runs."""
+    import pandas as pd
+
     part = frame[frame["model"] == model]
     fixed = part[part["lr_scaling"] == "fixed"] if "lr_scaling" in part else part.iloc[:0]
     if fixed.empty:
@@ -220,7 +222,7 @@ def fixed_lr_table(frame, model: str):
     rows = rows.assign(test_error=rows["test_error"] * 100)
     table = aggregate(rows, rows=["norm", "lr_scaling"], cols="batch_size", value="test_error",
                       digits=3)
-    table.columns = [str(size) for size in table.columns]
+    table.columns = pd.Index([str(size) for size in table.columns], name="batch_size")
     return table
 
 
@@ -549,8 +551,30 @@ def verdict_lines(frame) -> list[str]:
 
 
 def reports(frame) -> dict[str, str]:
-    return {"README.md": readme(frame),
+    return {"README.md": readme(frame), "headline.md": headline(frame),
             "verdicts.csv": verdicts_csv("small_batch", judge(frame))}
+
+
+FIGURE_CAPTION = ("Test error against batch size (evaluation mode, learning rate linear in the "
+                  "batch size). Points: mean over seeds; error bars: ± 1 standard deviation over "
+                  "the seeds (n per cell as in the tables). Top: the norms of Wu & He's "
+                  "comparison, with their BN and GN (ResNet-50 on ImageNet) in grey on the "
+                  "right-hand axis, another model and data set: compare shapes, not levels. "
+                  "Bottom: the batch-independent competitors, batch and group norm dashed.")
+
+
+def headline(frame) -> str:
+    """The README's headline for this study: the first model's test error table."""
+    for name, table in tables(frame).items():
+        if "evaluation mode" in name:
+            seeds = linear(frame).groupby(["model", "norm", "batch_size"])["seed"].nunique()
+            count = (f"{seeds.min()}" if seeds.min() == seeds.max()
+                     else f"{seeds.min()} to {seeds.max()}")
+            return (f"{name}, mean ± std over {count} seeds per cell (n/a: not trainable or "
+                    "not run there). The two paper rows are ResNet-50 on ImageNet (Wu & He, "
+                    "2018): compare the shape, not the level.\n\n"
+                    + markdown_table(table) + "\n")
+    return "(no runs yet)\n"
 
 
 def _base_lrs(frame) -> str:
@@ -584,6 +608,8 @@ def readme(frame) -> str:
     for name, table in tables(frame).items():
         if "evaluation mode" in name or "fixed learning rate" in name:
             lines += ["", f"## {name}", "", markdown_table(table)]
+    lines += ["", "![test error against batch size](error_vs_batch.png)", "",
+              f"*{FIGURE_CAPTION}*"]
     lines += ["", "## Verdicts", "",
               f"Each rule compares the mean test error over seeds of two cells; an effect counts "
               f"beyond {MARGIN_POINTS:g} point and two standard errors of the difference (Welch); "
@@ -620,30 +646,71 @@ def readme(frame) -> str:
 # Figure
 # ---------------------------------------------------------------------------------------------
 
+#: The figure's two rows: the norms of Wu & He's comparison, and the competitors (with batch and
+#: group norm again as the references).
+FIGURE_ROWS = ("the norms of Wu & He's comparison", "the batch-independent competitors")
+
+
+#: One color per norm in every panel (batch and group, the references, in both rows).
+NORM_COLORS = {"none": "black", "batch": "tab:blue", "group": "tab:orange", "renorm": "tab:cyan",
+               "ghost": "tab:purple", "layer": "tab:green", "rms": "tab:olive",
+               "instance": "tab:brown", "frn": "tab:red", "evonorm_s0": "tab:pink",
+               "evonorm_b0": "tab:gray", "gn+ws": "goldenrod", "switchable": "teal",
+               "dyt": "navy"}
+
+
+def _figure_norms(model: str, row: int) -> list[str]:
+    if row == 0:
+        return [n for n in NORMS[model] if n not in COMPETITORS[model]]
+    return ["batch", "group", *COMPETITORS[model]]
+
+
 def figures(frame):
+    """Test error against batch size (log 2 axis), mean ± std over seeds as error bars; per
+    model a column, the classic norms on top and the competitors below; Wu & He's BN and GN
+    on a right-hand axis of their own (another model and data set: compare shapes)."""
     from matplotlib.figure import Figure
 
     frame = linear(frame)
     models = [m for m in NORMS if (frame["model"] == m).any()]
-    figure = Figure(figsize=(5.5 * len(models), 4))
+    figure = Figure(figsize=(5.5 * len(models), 8.4))
     for i, model in enumerate(models):
-        axes = figure.add_subplot(1, len(models), i + 1)
         stats = cell_stats(frame, model)
-        for norm in NORMS[model]:
-            cells = stats.get(norm)
-            if not cells:
-                continue
-            sizes = sorted(s for s in cells if not math.isnan(cells[s][0]))
-            axes.errorbar(sizes, [cells[s][0] for s in sizes],
-                          yerr=[0 if math.isnan(cells[s][1]) else cells[s][1] for s in sizes],
-                          marker="o", markersize=3, capsize=2, label=norm)
-        axes.set_xscale("log", base=2)
         sizes = sorted(set(frame.loc[frame["model"] == model, "batch_size"]))
-        axes.set_xticks(sizes, [str(s) for s in sizes])
-        axes.set_xlabel("batch size")
-        axes.set_ylabel("test error (%)")
-        axes.set_title(f"{model} on {DATASET_NAME[model]}")
-        axes.legend(fontsize=7)
+        for row in range(2):
+            axes = figure.add_subplot(2, len(models), row * len(models) + i + 1)
+            for norm in _figure_norms(model, row):
+                cells = stats.get(norm)
+                if not cells:
+                    continue
+                shown = sorted(s for s in cells if not math.isnan(cells[s][0]))
+                axes.errorbar(shown, [cells[s][0] for s in shown],
+                              yerr=[0 if math.isnan(cells[s][1]) else cells[s][1]
+                                    for s in shown],
+                              marker="o", markersize=3, capsize=2, label=norm,
+                              color=NORM_COLORS.get(norm),
+                              linestyle="--" if row == 1 and norm in ("batch", "group") else "-")
+            axes.set_xscale("log", base=2)
+            axes.set_xticks(sizes, [str(s) for s in sizes])
+            axes.set_xlabel("batch size")
+            axes.set_ylabel("test error (%)")
+            axes.set_title(f"{model} on {DATASET_NAME[model]}: {FIGURE_ROWS[row]}", fontsize=9)
+            if row == 0:
+                paper = axes.twinx()
+                for (name, values), marker in zip(PAPER.items(), ("s", "D")):
+                    shown = sorted(values)
+                    paper.plot(shown, [values[s] for s in shown], color="0.45", linestyle=":",
+                               marker=marker, markersize=4, markerfacecolor="none",
+                               label=name.split(" (")[0] + ", Wu & He 2018 (right axis)")
+                paper.set_ylabel("Wu & He, ResNet-50 on ImageNet:\nvalidation error (%)",
+                                 fontsize=8, color="0.45")
+                paper.tick_params(axis="y", colors="0.45", labelsize=8)
+                handles, labels = axes.get_legend_handles_labels()
+                more, more_labels = paper.get_legend_handles_labels()
+                axes.legend(handles + more, labels + more_labels)
+            else:
+                axes.legend()
+    legends_outside(figure)
     figure.tight_layout()
     return {"error_vs_batch": figure}
 

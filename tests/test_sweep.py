@@ -10,6 +10,7 @@ import datetime as dt
 import io
 import logging
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -457,9 +458,21 @@ def test_study_hooks_write_their_table_and_figure(tmp_path, quick_sweep):
     written = sweep.summarize(TOY, tmp_path, quick=True)
     assert written == [tmp_path / "table.md", tmp_path / "table.csv", tmp_path / "score.png"]
     assert (tmp_path / "score.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table = pd.read_csv(tmp_path / "table.csv", index_col="width")
-    assert list(table.columns) == ["normal", "nan_loss", "fail"]
-    assert table.loc[4, "nan_loss"] == "— (2 div)" and table.loc[8, "fail"] == "— (2 failed)"
+    # the CSV is numeric and long: one row per cell, mean/std/n and the status counts
+    table = pd.read_csv(tmp_path / "table.csv").set_index(["width", "mode"])
+    assert list(table.columns) == ["mean", "std", "n", "diverged", "failed", "note"]
+    frame, _ = sweep.read_runs(TOY, tmp_path, quick=True)
+    for (width, mode), row in table.iterrows():
+        runs = frame[(frame["width"] == width) & (frame["mode"] == mode)]
+        ok = runs.loc[runs["status"] == "ok", "loss"]
+        assert (row["n"], row["diverged"], row["failed"]) == (
+            len(ok), (runs["status"] == "diverged").sum(), (runs["status"] == "failed").sum())
+        if len(ok):
+            np.testing.assert_allclose([row["mean"], row["std"]], [ok.mean(), ok.std()],
+                                       rtol=1e-12)
+        else:
+            assert np.isnan(row["mean"]) and np.isnan(row["std"])
+    assert (table.loc[(4, "nan_loss"), "diverged"], table.loc[(8, "fail"), "failed"]) == (2, 2)
 
 
 def test_named_tables_get_a_section_and_a_csv_each(tmp_path, quick_sweep):
@@ -473,8 +486,9 @@ def test_named_tables_get_a_section_and_a_csv_each(tmp_path, quick_sweep):
     markdown = (tmp_path / "table.md").read_text()
     assert "\n## Loss by width\n\n| width | normal | nan_loss | fail |\n" in markdown
     assert "\n## score\n\n| mode | score |\n" in markdown
-    scores = pd.read_csv(tmp_path / "table_score.csv", index_col="mode")["score"]
-    assert scores["nan_loss"] == "— (4 div)" and scores["fail"] == "— (4 failed)"
+    scores = pd.read_csv(tmp_path / "table_score.csv", index_col="mode")
+    assert (scores.loc["nan_loss", "diverged"], scores.loc["fail", "failed"]) == (4, 4)
+    assert scores.loc["normal", "n"] == 4 and set(scores["column"]) == {"score"}
 
 
 def test_reports_hook_writes_its_text_files_beside_the_tables(tmp_path, quick_sweep):
@@ -547,6 +561,80 @@ def test_aggregate_pivots_mean_and_std_and_counts_the_rest():
     assert sweep.markdown_table(table).splitlines() == [
         "| size | batch | layer |", "| ---: | --- | --- |",
         "| 2 | 0.6 ± 0.14 | 0.8 ± 0 |", "| 8 | 0.9 (1 div) | 0.875 (1 failed) |"]
+
+
+def test_stat_cells_print_as_text_and_keep_their_numbers():
+    cell = sweep.Stat.of([0.5, 0.7, float("nan")], scale=100, digits=3, diverged=1)
+    assert cell == f"60 ± {np.std([50, 70], ddof=1):.2g} (1 div)"
+    assert (cell.mean, cell.n, cell.diverged, cell.failed) == (60.0, 2, 1, 0)
+    np.testing.assert_allclose(cell.std, np.std([50.0, 70.0], ddof=1), rtol=1e-12)
+    one = sweep.Stat.of([0.25])
+    assert one == "0.25" and one.n == 1 and np.isnan(one.std)
+    assert pickle.loads(pickle.dumps(cell)) == cell and pickle.loads(pickle.dumps(cell)).n == 2
+
+
+def test_numeric_table_melts_stat_cells_and_keeps_reference_numbers_and_notes():
+    table = pd.DataFrame({"2": [sweep.Stat.of([1.0, 3.0]), "24.1", "n/a"],
+                          "8": [sweep.Stat.of([2.0]), "—", sweep.Stat.of([], failed=2)]},
+                         index=pd.Index(["batch", "paper", "ghost"], name="norm"))
+    table.columns.name = "batch_size"
+    long = sweep.numeric_table(table)
+    assert list(long.columns) == ["norm", "batch_size", "mean", "std", "n", "diverged",
+                                  "failed", "note"]
+    rows = {(r.norm, r.batch_size): r for r in long.itertuples()}
+    assert set(rows) == {("batch", "2"), ("batch", "8"), ("paper", "2"), ("ghost", "2"),
+                         ("ghost", "8")}                                   # "—" left out
+    assert (rows["batch", "2"].mean, rows["batch", "2"].n) == (2.0, 2)
+    np.testing.assert_allclose(rows["batch", "2"].std, np.sqrt(2.0))
+    assert rows["paper", "2"].mean == 24.1 and pd.isna(rows["paper", "2"].n)
+    assert rows["ghost", "2"].note == "n/a" and np.isnan(rows["ghost", "2"].mean)
+    assert rows["ghost", "8"].failed == 2 and rows["ghost", "8"].n == 0
+    assert sweep.numeric_table(pd.DataFrame({"a": [1.0], "b": ["x"]})) is None
+
+
+def test_curves_go_to_curves_csv_in_long_format(tmp_path):
+    @dataclasses.dataclass(frozen=True)
+    class Curve:
+        lr: float = 0.1
+        seed: int = 0
+
+    study = Study(name="curvy", config=Curve, metrics=("final", "acc_01", "acc_02", "acc_03"),
+                  grid_quick={"lr": [0.1, 1.0], "seed": [0]}, grid_full={"seed": [0]},
+                  run=lambda config: {}, curves={"acc_": "accuracy"})
+    header = ",".join(study.columns)
+    rows = ["0.1,0,0.9,0.5,0.7,0.9,ok,,1.0,v,rev,2026",
+            "1.0,0,,0.2,,,diverged,,1.0,v,rev,2026"]
+    (tmp_path / "runs.csv").write_text("\n".join([header, *rows]) + "\n")
+    written = sweep.summarize(study, tmp_path, quick=True)
+    assert tmp_path / "curves.csv" in written
+    curves = pd.read_csv(tmp_path / "curves.csv")
+    assert list(curves.columns) == ["run", "lr", "seed", "status", "curve", "step", "value"]
+    assert curves[curves["lr"] == 0.1].sort_values("step")["value"].tolist() == [0.5, 0.7, 0.9]
+    assert curves[curves["lr"] == 1.0][["step", "value", "status"]].values.tolist() == [
+        [1, 0.2, "diverged"]]                                # steps not reached are left out
+    assert set(curves["curve"]) == {"accuracy"} and curves["run"].nunique() == 2
+    with pytest.raises(ValueError, match="no metric is 'loss_'"):
+        Study(name="bad", config=Curve, metrics=("acc_01",), grid_quick={"seed": [0]},
+              grid_full={"seed": [0]}, run=lambda config: {}, curves={"loss_": "loss"})
+
+
+def test_legends_outside_moves_each_legend_under_its_axes():
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    figure = Figure()
+    axes = figure.add_subplot()
+    axes.plot([0, 1], [0, 1], label="a")
+    twin = axes.twinx()
+    twin.plot([0, 1], [1, 0], label="b")
+    handles, labels = axes.get_legend_handles_labels()
+    more, more_labels = twin.get_legend_handles_labels()
+    axes.legend(handles + more, labels + more_labels, title="t")
+    sweep.legends_outside(figure)
+    legend = axes.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["a", "b"]    # the twin's entry kept
+    assert legend.get_title().get_text() == "t"
+    assert legend.get_bbox_to_anchor().transformed(axes.transAxes.inverted()).y0 < 0
 
 
 @pytest.mark.parametrize("mean, std, text", [
