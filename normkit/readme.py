@@ -81,7 +81,7 @@ def wall_seconds(rows: list[dict[str, str]], path: Path) -> float | None:
     return None if first is None else (last - first).total_seconds()
 
 
-def _runs_line(study: str, directory: Path, readme_dir: Path) -> str:
+def _runs_line(directory: Path, readme_dir: Path) -> str:
     path = directory / "runs.csv"
     rows = _read_csv(path)
     link = Path(os.path.relpath(directory / "README.md", readme_dir)).as_posix()
@@ -117,7 +117,7 @@ def study_section(study: str, out: str | os.PathLike, readme_dir: str | os.PathL
     if not (directory / "runs.csv").is_file():
         return (f"- `{study}`: the full-grid results are not in the repo yet; `make studies` "
                 f"writes them.")
-    parts = [f"### {study}", _runs_line(study, directory, Path(readme_dir))]
+    parts = [f"### {study}", _runs_line(directory, Path(readme_dir))]
     headline = directory / "headline.md"
     if headline.is_file():
         parts.append(headline.read_text(encoding="utf-8").strip())
@@ -164,11 +164,31 @@ def current_block(text: str, path: Path) -> str:
     return _split(text, path)[1]
 
 
+def _normalized(text: str) -> str:
+    """Without the blank lines around it and trailing spaces, which editors strip."""
+    return "\n".join(line.rstrip() for line in text.strip().splitlines())
+
+
+def _starts(study: str) -> tuple[str, str]:
+    """How a study's section starts: its heading, or its one line when there are no results."""
+    return f"### {study}\n", f"- `{study}`:"
+
+
 def first_difference(current: str, sections: dict[str, str]) -> str | None:
-    """None if the block is what the sections make; else what differs, in a few words."""
-    if current.strip() == studies_block(sections).strip():
+    """None if the block is what the sections make; else what differs, in a few words: the first
+    study whose text in the block (up to where the next study's starts) is not its section."""
+    if _normalized(current) == _normalized(studies_block(sections)):
         return None
+    found = {}
+    for name in sections:
+        positions = [current.find(start) for start in _starts(name)]
+        found[name] = min((p for p in positions if p >= 0), default=-1)
+    ends = sorted(p for p in found.values() if p >= 0) + [len(current)]
     for name, section in sections.items():
-        if section not in current:
+        start = found[name]
+        if start < 0:
             return f"study {name!r}"
-    return "the order or the text around the studies"
+        end = next(p for p in ends if p > start)
+        if _normalized(current[start:end]) != _normalized(section):
+            return f"study {name!r}"
+    return "the order of the studies or the text around them"

@@ -109,6 +109,31 @@ def test_check_fails_on_an_edited_block_and_passes_after_regenerating(project, c
     assert "| BN degrades below batch 8 | holds | 5 |" in _block(project)
 
 
+@pytest.mark.parametrize("edit, study", [
+    (("| GN is flat | undetermined (n=2) | 2 |\n",
+      "| GN is flat | undetermined (n=2) | 2 |\n| a row typed by hand | holds | 5 |\n"),
+     "small_batch"),
+    (("writes them.\n- `zeta`", "writes them, soon.\n- `zeta`"), "rnn"),
+    (("- `zeta`: the full-grid", "- `zeta`: the full grid"), "zeta"),
+])
+def test_check_names_the_study_whose_text_differs(project, capsys, edit, study):
+    assert _readme(project) == 0
+    readme = project / "README.md"
+    text = readme.read_text()
+    assert edit[0] in text
+    readme.write_text(text.replace(edit[0], edit[1]))
+    capsys.readouterr()
+    assert _readme(project, "--check") == 1
+    assert f"for study {study!r}: run `normkit readme`" in capsys.readouterr().err
+
+
+def test_check_ignores_trailing_spaces_an_editor_strips_or_adds(project):
+    assert _readme(project) == 0
+    readme = project / "README.md"
+    readme.write_text(readme.read_text().replace("| holds | 5 |\n", "| holds | 5 |   \n"))
+    assert _readme(project, "--check") == 0
+
+
 def test_new_results_make_the_check_fail(project, capsys):
     assert _readme(project) == 0
     rnn = project / "results" / "rnn"
