@@ -40,8 +40,10 @@ NOTHING  := echo "no studies in studies/: nothing to run (studies/README.md says
 quick: $(STAMP) $(STUDIES:%=results/%/quick/table.md)
 	@$(if $(STUDIES),echo "tables written: $(filter %.md,$^)",$(NOTHING))
 
+# ... and rewrite README.md's studies block from the full-grid results.
 studies: $(STAMP) $(STUDIES:%=results/%/table.md)
 	@$(if $(STUDIES),echo "tables written: $(filter %.md,$^)",$(NOTHING))
+	$(NORMKIT) readme
 
 # The study script changed: run its new configs and retry its failed ones. Exit code 1 (some runs
 # failed) is left for the table step to report, after it has written the table.

@@ -4,12 +4,14 @@
     normkit run STUDY [--quick] [--jobs N] [--scheduler ADDR|local] [--out DIR] [--rerun-failed]
     normkit table STUDY [--quick]         rewrite the tables and figures from runs.csv
     normkit bench [ARGS...]               runs benchmarks/kernels.py ARGS...
+    normkit readme [--check]              rewrite (or check) README.md's studies block
 
 Exit codes: 0 ok; 1 some runs failed (or were left undone because a worker or the Dask scheduler
-died, or a study's table/figure hook failed); 2 the command could not start or go on (usage,
-unknown or broken study, unreachable scheduler, unwritable folder or full disk, a damaged
-runs.csv or one of another shape); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM). After
-130 and 143 the finished runs are kept: the same command resumes.
+died, or a study's table/figure hook failed), or ``readme --check`` found the block out of date;
+2 the command could not start or go on (usage, unknown or broken study, unreachable scheduler,
+unwritable folder or full disk, a damaged runs.csv or one of another shape); 130 interrupted
+(Ctrl-C); 143 terminated (SIGTERM). After 130 and 143 the finished runs are kept: the same
+command resumes.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from normkit import __version__
+from normkit.readme import (ReadmeError, current_block, first_difference, replace_block,
+                            studies_block, study_sections)
 from normkit.sweep import (Study, SweepError, find_studies, load_study, results_dir, run_sweep,
                            summarize)
 
@@ -63,7 +67,8 @@ def _positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="normkit", description="Run normkit's studies and benchmarks.",
-        epilog="Exit codes: 0 ok, 1 some runs failed or were left undone, 2 usage, setup or "
+        epilog="Exit codes: 0 ok, 1 some runs failed or were left undone (readme --check: "
+               "the block is out of date), 2 usage, setup or "
                "data error (a damaged runs.csv, a full disk), 130 interrupted, 143 terminated "
                "(SIGTERM).")
     parser.add_argument("--version", action="version", version=f"normkit {__version__}")
@@ -104,6 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
                                             "passed on to it.")
     bench.add_argument("--script", type=Path, default=Path("benchmarks/kernels.py"),
                        help="the benchmark script (default: benchmarks/kernels.py)")
+
+    readme = commands.add_parser(
+        "readme", parents=[studies], help="rewrite README.md's studies block from the results",
+        description="Rewrite the block between <!-- studies:begin --> and <!-- studies:end --> "
+                    "from each study's runs.csv, headline.md and verdicts.csv.")
+    readme.add_argument("--readme", type=Path, default=Path("README.md"), metavar="PATH",
+                        help="the README to rewrite (default: ./README.md)")
+    readme.add_argument("--out", type=Path, default=Path("results"), metavar="DIR",
+                        help="results folder (default: ./results)")
+    readme.add_argument("--check", action="store_true",
+                        help="change nothing; exit 1 if the block differs from the results")
     return parser
 
 
@@ -116,11 +132,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:     # --help, --version, or a usage error (code 2)
         return int(exit_.code or 0)
     args.passed_on = passed_on
-    command = {"list": _list, "run": _run, "table": _table, "bench": _bench}[args.command]
+    command = {"list": _list, "run": _run, "table": _table, "bench": _bench,
+               "readme": _readme}[args.command]
     with _console_logging(), _sigterm_raises():
         try:
             return command(args)
-        except (CommandError, SweepError) as exc:
+        except (CommandError, SweepError, ReadmeError) as exc:
             print(f"normkit: {exc}", file=sys.stderr)
             return 2
         except (KeyboardInterrupt, Terminated) as exc:
@@ -250,6 +267,29 @@ def _bench(args: argparse.Namespace) -> int:
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     finally:
         sys.argv = saved_argv
+    return 0
+
+
+def _readme(args: argparse.Namespace) -> int:
+    try:
+        text = args.readme.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CommandError(f"cannot read {args.readme}: {exc.strerror or exc}") from None
+    sections = study_sections(args.studies_dir, args.out, args.readme.parent)
+    if args.check:
+        differs = first_difference(current_block(text, args.readme), sections)
+        if differs:
+            print(f"normkit: {args.readme}'s studies block differs from the results for "
+                  f"{differs}: run `normkit readme`", file=sys.stderr)
+            return 1
+        return 0
+    updated = replace_block(text, studies_block(sections), args.readme)
+    if updated != text:
+        try:
+            args.readme.write_text(updated, encoding="utf-8")
+        except OSError as exc:
+            raise CommandError(f"cannot write {args.readme}: {exc.strerror or exc}") from None
+    print(f"{args.readme}: studies block {'rewritten' if updated != text else 'up to date'}")
     return 0
 
 
