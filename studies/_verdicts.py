@@ -13,7 +13,11 @@ the seed count per arm. Four kinds:
   if all hold, does not hold if none, mixed otherwise).
 
 Any arm with fewer than :data:`MIN_SEEDS` seeds, or with no runs, makes the verdict
-"undetermined": one seed has no variance, so one seed cannot tell an effect from noise.
+"undetermined": one seed has no variance, so one seed cannot tell an effect from noise. A claim
+of no difference ("same", "no_worse_*") is also undetermined when the data neither confirm it
+(the difference and two standard errors within the margin) nor refute it (the difference beyond
+the margin by two standard errors): the seeds are too noisy for the margin, and "does not hold"
+would claim a difference the data do not show. Its label says which (:attr:`Outcome.label`).
 """
 from __future__ import annotations
 
@@ -43,8 +47,13 @@ class Outcome:
 
     @property
     def label(self) -> str:
-        """The verdict, with the seed count when too few seeds leave it undetermined."""
-        return f"{UNDETERMINED} (n={self.n_min})" if self.verdict == UNDETERMINED else self.verdict
+        """The verdict; an undetermined one with the seed count and, with enough seeds, why."""
+        if self.verdict != UNDETERMINED:
+            return self.verdict
+        if self.n_min >= MIN_SEEDS:
+            return f"{UNDETERMINED} (n={self.n_min}; within the noise: neither within the " \
+                   "margin nor beyond it)"
+        return f"{UNDETERMINED} (n={self.n_min})"
 
     def numbers_text(self) -> str:
         return "; ".join(f"{name} = {_number(value)}" for name, value in self.numbers.items())
@@ -99,8 +108,12 @@ def _decide(effect: float, error: float, direction: str, margin: float) -> str:
     if direction in ("lower", "higher"):
         return HOLDS if effect > max(margin, 2 * error) else FAILS
     if direction == "same":
-        return HOLDS if abs(effect) + 2 * error <= margin else FAILS
-    return HOLDS if effect - 2 * error > -margin else FAILS          # no worse than by margin
+        if abs(effect) + 2 * error <= margin:
+            return HOLDS
+        return FAILS if abs(effect) - 2 * error > margin else UNDETERMINED
+    if effect - 2 * error > -margin:                                 # no worse than by margin
+        return HOLDS
+    return FAILS if effect + 2 * error < -margin else UNDETERMINED
 
 
 def _sign(direction: str) -> float:

@@ -532,7 +532,8 @@ def explanation(rate, statistics) -> str:
     if statistics.verdict == HOLDS:
         return ("the batch statistics: the fixed rate does not help the norms without batch "
                 "statistics, and batch norm stays worse than group norm")
-    return "neither: the fixed rate does not change the errors and batch norm is not worse"
+    return ("neither: with the fixed rate the norms without batch statistics do no better at "
+            "the small batch, and batch norm is not worse than group norm there")
 
 
 def verdict_lines(frame) -> list[str]:
@@ -614,7 +615,9 @@ def readme(frame) -> str:
               f"Each rule compares the mean test error over seeds of two cells; an effect counts "
               f"beyond {MARGIN_POINTS:g} point and two standard errors of the difference (Welch); "
               f"\"same\" means the difference and two standard errors stay within "
-              f"{MARGIN_POINTS:g} point. Fewer than 3 seeds in a cell: undetermined. "
+              f"{MARGIN_POINTS:g} point, and is refuted only when the difference exceeds "
+              f"{MARGIN_POINTS:g} point by two standard errors (in between: undetermined, too "
+              "noisy for the margin). Fewer than 3 seeds in a cell: undetermined. "
               "verdicts.csv has the same rows.", ""]
     lines += verdict_lines(frame)
     lines += ["", "## Findings (computed from the numbers above)",

@@ -60,6 +60,20 @@ def test_same_and_no_worse_are_judged_against_the_margin():
     assert rule.judge(runs({("batch", "a"): 0.25, ("none", "a"): 0.20})).verdict == v.FAILS
 
 
+def test_no_difference_claims_too_noisy_for_the_margin_are_undetermined_not_refuted():
+    # the means are equal, but the seeds' spread is wider than the margin: the data neither
+    # confirm "same within 0.01" nor show a difference beyond it
+    noisy = runs({("batch", "a"): 0.20, ("none", "a"): 0.20}, noise=20.0)
+    for direction in ("same", "no_worse_lower"):
+        outcome = v.Difference("x", "error", BATCH, NONE, direction, 0.01).judge(noisy)
+        assert outcome.numbers["standard error"] > 0.01
+        assert outcome.verdict == v.UNDETERMINED and outcome.n_min == 5
+        assert outcome.label.startswith("undetermined (n=5; within the noise")
+    # a clear difference far beyond the margin and the noise is still refuted
+    apart = runs({("batch", "a"): 0.40, ("none", "a"): 0.20}, noise=0.5)
+    assert v.Difference("x", "error", BATCH, NONE, "same", 0.01).judge(apart).verdict == v.FAILS
+
+
 @pytest.mark.parametrize("seeds", [1, 2])
 def test_fewer_than_three_seeds_is_undetermined_whatever_the_effect(seeds):
     frame = runs({("batch", "a"): 0.10, ("none", "a"): 0.90}, seeds=seeds)
