@@ -85,6 +85,10 @@ CASES = [
     Case("evonorm_b0", "EvoNorm-B0 train (32,64,56,56)", "evonorm_b0", (32, 64, 56, 56)),
     Case("switchable", "Switchable train (32,64,56,56)", "switchable", (32, 64, 56, 56)),
     Case("dyt", "DyT (32,64,56,56)", "dyt", (32, 64, 56, 56)),
+    # Weight standardization is a layer option, not a norm: the case times the standardization
+    # of a Conv2d(64, 64, 3x3) weight (what a layer on (32,64,56,56) adds per step) and its
+    # backward, against timm's StdConv2d expression (F.batch_norm over the reshaped weight).
+    Case("ws", "WS of a Conv2d(64,64,3x3) weight (64,64,3,3)", "ws", (64, 64, 3, 3)),
 ]
 #: Cases with a functional kernel (``kernel`` column) and a NumPy reference backward.
 KERNEL_NORMS = ("batch", "layer", "rms", "group")
@@ -98,7 +102,24 @@ def _features(case: Case):
 # The implementations of one case, as zero-argument functions per direction
 # ---------------------------------------------------------------------------------------------
 
+def _weight_standardization(case, x, dy, out):
+    """The standardizer of a Conv2d with ``weight_standardization=True`` on ``x`` as its weight
+    (forward: the standardized (out, fan_in) rows; backward: dL/dW from dL/dW_hat)."""
+    from normkit.nn import Conv2d
+    C_out, C_in, KH, KW = case.shape
+    conv = Conv2d(C_in, C_out, (KH, KW), padding=1, rng=np.random.default_rng(3),
+                  weight_standardization=True, ws_eps=EPS, dtype=case.dtype)
+    conv.params["weight"][...] = x
+    standardizer, rows, dy_rows = conv._standardizer, conv._weight_rows(), dy.reshape(C_out, -1)
+    conv._standardize()
+    y, dx = (np.empty_like(rows), np.empty_like(rows)) if out else (None, None)
+    return {"fwd": lambda: standardizer.forward(rows, training=True, out=y),
+            "bwd": lambda: standardizer.backward(dy_rows, out=dx)}, standardizer
+
+
 def _normkit(case, x, dy, out):
+    if case.norm == "ws":
+        return _weight_standardization(case, x, dy, out)
     norm = normkit.make(case.norm, _features(case), dtype=case.dtype, **dict(case.kwargs))
     rng = np.random.default_rng(3)
     for value in norm.params.values():
@@ -166,6 +187,13 @@ def _competitor_peer(torch, case, norm):
     PyTorch function for switchable norm and DyT; in training mode."""
     from normkit.testing import timm_layers
     C = case.shape[1]
+    if case.norm == "ws":                      # timm's StdConv2d.forward, its weight part
+        F = torch.nn.functional
+
+        def standardize(weight):
+            return F.batch_norm(weight.reshape(1, case.shape[0], -1), None, None,
+                                training=True, momentum=0.0, eps=EPS).reshape_as(weight)
+        return standardize, []
     p = {k: torch.tensor(v, requires_grad=True) for k, v in norm.params.items()}
     if case.norm in ("frn", "evonorm_s0", "evonorm_b0"):
         if case.norm == "frn":
@@ -310,7 +338,7 @@ def markdown_table(df: pd.DataFrame) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Targets (issue 5)
+# Targets: the performance goals the kernels were built to
 # ---------------------------------------------------------------------------------------------
 
 def targets(df: pd.DataFrame, jit: dict | None) -> list[tuple[str, str, bool]]:
@@ -486,7 +514,7 @@ def main(argv=None):
         print("\nJIT story (fresh processes, NUMBA_CACHE_DIR in a temporary directory):\n")
         print(jit_table(story))
         (args.out.parent / "jit.json").write_text(json.dumps(story, indent=2))
-    print("\nTargets (issue 5):\n")
+    print("\nTargets (the performance goals):\n")
     for text, value, ok in targets(df, story):
         print(f"- [{'x' if ok else ' '}] {text}: {value}")
     (args.out.parent / "machine.txt").write_text(machine + "\n")
