@@ -723,5 +723,16 @@ def reports(frame: pd.DataFrame) -> dict[str, str]:
         if section.draw is not None:
             lines += ["", f"![{section.title}]({section.key}.png)", "", f"*{section.caption}*"]
         lines += [""]
-    return {"README.md": "\n".join(lines),
+    return {"README.md": "\n".join(lines), "headline.md": headline(found),
             "verdicts.csv": verdicts_csv("rnn", judged(found))}
+
+
+def headline(found: list[Section]) -> str:
+    """The README's headline for this study: the sequence-classification accuracy table."""
+    for section in found:
+        for title, table in section.tables.items():
+            if section.key == "classify" and title.startswith("test accuracy"):
+                return (f"{section.title}: {title}; {section.setup.split(';')[0]}. The published "
+                        "rows are MNIST at 784 steps: a reference at another scale.\n\n"
+                        + markdown_table(table) + "\n")
+    return "(no sequence-classification runs yet)\n"
