@@ -201,6 +201,11 @@ class Norm:
             self.__dict__["_known"] = _UNCHECKED   # and rebuild the views of params and state
         object.__setattr__(self, name, value)
 
+    # copy.deepcopy and pickle copy a view as an array of its own, cut off from the array it
+    # viewed: a copy checks its arrays again, which makes its own views (_refresh_views).
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_known": _UNCHECKED}
+
     def _add_param(self, key: str, value: np.ndarray) -> None:
         self.params[key] = np.array(value, dtype=self.dtype)
         self.grads[key] = np.zeros_like(self.params[key])

@@ -6,7 +6,9 @@ parallel ones.
 """
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -485,3 +487,29 @@ def test_changing_a_setting_checks_the_signature_again():
     group.num_groups = 4                       # the (G, C/G) views of gamma/beta follow
     np.testing.assert_array_equal(group.forward(x3, training=True),
                                   normkit.make("group", 4, num_groups=4).forward(x3, training=True))
+
+
+@pytest.mark.parametrize("clone", [copy.deepcopy, lambda norm: pickle.loads(pickle.dumps(norm))],
+                         ids=["deepcopy", "pickle"])
+@pytest.mark.parametrize("name,kwargs,shape", [("batch", {}, (6, 4)),
+                                               ("group", {"num_groups": 2}, (3, 4, 5)),
+                                               ("layer", {}, (3, 4))])
+def test_a_copy_of_a_used_norm_computes_with_its_own_arrays(clone, name, kwargs, shape):
+    """A copy's params/state are arrays of its own; its views must follow them, not the
+    original's nor copies of the original's views."""
+    norm, plain = (normkit.make(name, _features(name, shape), **kwargs) for _ in range(2))
+    rng = np.random.default_rng(17)
+    x, dy = rng.standard_normal(shape).astype(F32), rng.standard_normal(shape).astype(F32)
+    norm.forward(x, training=True)
+    plain.forward(x, training=True)
+    twin = clone(norm)
+    before = _state_of(norm), {k: v.copy() for k, v in norm.params.items()}
+    for key, value in twin.params.items():
+        value[...] = rng.standard_normal(value.shape)   # an optimizer step on the copy
+        plain.params[key][...] = value
+    np.testing.assert_array_equal(twin.forward(x, training=True), plain.forward(x, training=True))
+    np.testing.assert_array_equal(twin.backward(dy), plain.backward(dy))
+    _assert_state(twin, _state_of(plain))
+    _assert_state(norm, before[0])             # the original is untouched
+    for key, value in before[1].items():
+        np.testing.assert_array_equal(norm.params[key], value, err_msg=key)
