@@ -156,6 +156,10 @@ def check_out(out, shape: tuple, dtype: np.dtype, *inputs: np.ndarray) -> np.nda
 # The interface
 # ---------------------------------------------------------------------------------------------
 
+#: ``Norm._known`` before the first check (or after a setting changed): matches no arrays.
+_UNCHECKED = (None,)
+
+
 class Norm:
     """Base class: ``forward(x, training)``, ``backward(dy)``, ``params``, ``grads``, ``state``.
 
@@ -165,11 +169,22 @@ class Norm:
     the kernel succeeded, so a refused or failed call leaves the state as it was. A subclass
     with checks of its own overrides ``forward_saved`` (ending in ``return self._run(...)``),
     not ``forward``: ``forward`` keeps what ``forward_saved`` returns.
+
+    ``_check`` may depend only on x's shape, ``training`` and the norm's settings: it runs once
+    per input signature (x.shape, training), whose ``_plan`` (what the forward derives from the
+    shape) ``_plans`` keeps; setting a public attribute other than a per-call setting forgets
+    them. Views of the params/state arrays (``_refresh_views``) are made when ``_check_owned``
+    accepts new arrays. The per-call checks (x's type and dtype, mask, out, owned arrays, finite
+    params) run on every call.
     """
 
     name = "norm"
     #: Whether ``forward`` takes ``mask=`` (the batch-statistics norms).
     takes_mask = False
+    #: Settings read afresh by every call; setting any other public attribute (``axis``,
+    #: ``virtual_batch_size``, ``num_groups``...) forgets the checked signatures and views.
+    _per_call_settings = frozenset({"eps", "momentum", "running_average", "r_max", "d_max",
+                                    "last_r", "last_d"})
 
     def __init__(self, dtype=np.float32):
         self.dtype = _check_dtype(dtype)
@@ -177,7 +192,19 @@ class Norm:
         self.grads: dict[str, np.ndarray] = {}
         self.state: dict[str, np.ndarray] = {}
         self._saved = None                     # what backward needs, from the last forward
-        self._known: tuple = ()                # the params/grads/state arrays last checked
+        self._known: tuple = _UNCHECKED        # the params/grads/state arrays last checked
+        self._plans: dict = {}                 # (x.shape, training) checked -> self._plan(x)
+
+    def __setattr__(self, name, value):
+        if name[0] != "_" and name not in self._per_call_settings:
+            self.__dict__["_plans"] = {}       # check every signature again with the new setting
+            self.__dict__["_known"] = _UNCHECKED   # and rebuild the views of params and state
+        object.__setattr__(self, name, value)
+
+    # copy.deepcopy and pickle copy a view as an array of its own, cut off from the array it
+    # viewed: a copy checks its arrays again, which makes its own views (_refresh_views).
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_known": _UNCHECKED}
 
     def _add_param(self, key: str, value: np.ndarray) -> None:
         self.params[key] = np.array(value, dtype=self.dtype)
@@ -198,7 +225,8 @@ class Norm:
         if training is not True and training is not False:
             training = _check_bool("training", training)
         x = self._check_array("x", x)
-        self._check(x, training)
+        if (x.shape, training) not in self._plans:
+            self._check_signature(x, training)
         if mask is not None and not self.takes_mask:
             raise TypeError(f"{type(self).__name__} takes no mask: masks are for the "
                             f"batch-statistics norms (batch, ghost, renorm, recurrent_batch)")
@@ -235,6 +263,18 @@ class Norm:
         return dx, {key: value.reshape(self.params[key].shape) for key, value in grads.items()}
 
     # -- checks ------------------------------------------------------------------------------
+    def _check_signature(self, x: np.ndarray, training: bool) -> None:
+        """Run ``_check`` on a new (x.shape, training) and keep what ``_plan`` derives from it
+        (a training loop sees a few signatures)."""
+        self._check(x, training)
+        if len(self._plans) > 16:
+            self._plans.clear()
+        self._plans[x.shape, training] = self._plan(x, training)
+
+    def _plan(self, x: np.ndarray, training: bool):
+        """What the forward of this (x.shape, training) needs from the shape (None: nothing)."""
+        return None
+
     def _check_array(self, name: str, a) -> np.ndarray:
         if not isinstance(a, np.ndarray):
             raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
@@ -270,15 +310,21 @@ class Norm:
                     f"{shape}, got {got}; write into the array (a[...] = value) instead of "
                     f"replacing it")
         self._known = current
+        self._refresh_views()
+
+    def _refresh_views(self) -> None:
+        """Views of the params/state arrays for the kernels, made when ``_check_owned`` accepts
+        a new set of arrays (valid while the same arrays stay)."""
+        self._flat_params = tuple((key, value.reshape(-1)) for key, value in self.params.items())
 
     def _reshape_state(self) -> None:
         """Forget the checked shapes (a norm that changes its own arrays, e.g. grows)."""
         self.__dict__.pop("_spec", None)
-        self._known = ()
+        self._known = _UNCHECKED
 
     def _check_params(self) -> None:
-        for key, value in self.params.items():
-            if not _engine.all_finite(value.reshape(-1)):
+        for key, flat in self._flat_params:    # views of params, made by _check_owned
+            if not _engine.all_finite(flat):
                 raise ValueError(f"params[{key!r}] contains NaN or inf; refusing to normalize with it")
 
     def _check(self, x: np.ndarray, training: bool) -> None:
@@ -302,10 +348,18 @@ class Norm:
 # ---------------------------------------------------------------------------------------------
 
 class _EngineNorm(Norm):
-    """A norm computed by the statistics engine. Subclasses give ``_view(x)`` ->
-    (x4, B, mask_shape) and ``_affine()`` -> (gamma2, beta2); ``centered`` (False: RMS)."""
+    """A norm computed by the statistics engine. Subclasses give the view of x per input
+    signature (``_plan``) and ``_affine_views()`` -> (gamma2, beta2), kept in ``_affine2``
+    while the params arrays stay; ``centered`` (False: RMS)."""
 
     centered = True
+
+    def _refresh_views(self):
+        super()._refresh_views()
+        self._affine2 = self._affine_views()
+
+    def _affine_views(self):
+        raise NotImplementedError
 
     def _statistics(self, x4, B):
         V, G = x4.shape[0] // B, x4.shape[1]
@@ -361,6 +415,11 @@ class _ChannelNorm(_EngineNorm):
 
     def _affine_grads(self, dgamma, dbeta) -> dict:
         return {"gamma": dgamma, "beta": dbeta} if self.affine else {}
+
+    def _affine_views(self):
+        """gamma, beta as (C, 1): one statistics group per channel."""
+        C = self.num_features
+        return self._gamma.reshape(C, 1), self._beta.reshape(C, 1)
 
     def _channel_axis(self, x) -> int:
         return self.axis % x.ndim
@@ -447,9 +506,20 @@ class BatchNorm(_ChannelNorm):
                     f"Expected more than 1 value per channel when training, got input size "
                     f"{x.shape}")
 
-    def _view(self, x):
+    def _plan(self, x, training):
+        """The (pre, C, 1, post) view's shape, B and the mask shape; whether the call takes
+        batch statistics."""
         pre, C, post, mask_shape = self._split(x)
-        return x.reshape(pre, C, 1, post), self._rows_per_statistic(x, pre), mask_shape
+        return ((pre, C, 1, post), self._rows_per_statistic(x, pre), mask_shape,
+                self._uses_batch_stats(training))
+
+    def _refresh_views(self):
+        super()._refresh_views()
+        state = self.state
+        self._running2 = ((state["running_mean"].reshape(1, -1),      # (1, C) as the engine's
+                           state["running_var"].reshape(1, -1),       # (S, G), S = 1 slot
+                           state["num_batches_tracked"].reshape(1))
+                          if self.track_running_stats else None)
 
     def _check_counts(self, count, masked):
         if masked and np.any(count == 1):
@@ -457,13 +527,14 @@ class BatchNorm(_ChannelNorm):
                              "unmasked position (a batch with no valid position is skipped)")
 
     def _forward(self, x, training, mask, out):
-        x4, B, mask_shape = self._view(x)
+        view, B, mask_shape, batch_stats = self._plans[x.shape, training]
+        x4 = x.reshape(view)
         mask2, masked = self._mask2(mask, x4, mask_shape)
-        C = self.num_features
-        gamma2, beta2 = self._gamma.reshape(C, 1), self._beta.reshape(C, 1)
-        if not self._uses_batch_stats(training):
-            mean = self.state["running_mean"].astype(np.float64).reshape(1, C)
-            var = self.state["running_var"].astype(np.float64).reshape(1, C)
+        gamma2, beta2 = self._affine2
+        if not batch_stats:
+            running_mean, running_var, _ = self._running2
+            mean = running_mean.astype(np.float64)
+            var = running_var.astype(np.float64)
             count = np.zeros(1)
             y = self._run_forward(x, x4, x4.shape[0], mask2, masked, out, mean, var, count,
                                   _engine.APPLY_ONLY, gamma2, beta2)
@@ -491,17 +562,14 @@ class BatchNorm(_ChannelNorm):
             return None
 
         def commit():                          # a group with no valid value updates nothing
-            state = self.state
-            _engine.running_update(state["running_mean"].reshape(1, -1),
-                                   state["running_var"].reshape(1, -1),
-                                   state["num_batches_tracked"].reshape(1), mean, var, count,
+            running_mean, running_var, tracked = self._running2
+            _engine.running_update(running_mean, running_var, tracked, mean, var, count,
                                    self.momentum, self.running_average == "cumulative",
                                    self._pooled)
         return commit
 
     def _backward(self, dy, saved, out):
-        C = self.num_features
-        dx, dgamma, dbeta = self._run_backward(dy, saved, out, self._gamma.reshape(C, 1),
+        dx, dgamma, dbeta = self._run_backward(dy, saved, out, self._affine2[0],
                                                frozen=saved[8])
         return dx, self._affine_grads(dgamma, dbeta)
 
@@ -637,15 +705,25 @@ class GroupNorm(_ChannelNorm):
             raise ValueError(f"num_groups={num_groups} must divide num_features={self.num_features}")
         self.num_groups = num_groups
 
-    def _forward(self, x, training, mask, out):
+    def _affine_views(self):
+        """gamma, beta as (G, C/G): one statistics group per group of channels."""
+        G = self.num_groups
+        return (self._gamma.reshape(G, self.num_features // G),
+                self._beta.reshape(G, self.num_features // G))
+
+    def _plan(self, x, training):
+        """The (N * S_before, G, C/G, S_after) view's shape and B."""
         pre, C, post, _ = self._split(x)
         G = self.num_groups
-        x4 = x.reshape(pre, G, C // G, post)   # (N * S_before, G, C/G, S_after)
-        B = pre // x.shape[0]
+        return (pre, G, C // G, post), pre // x.shape[0]
+
+    def _forward(self, x, training, mask, out):
+        view, B = self._plans[x.shape, training]
+        x4 = x.reshape(view)
         mean, var, count = self._statistics(x4, B)
-        gamma2 = self._gamma.reshape(G, C // G)
+        gamma2, beta2 = self._affine2
         y = self._run_forward(x, x4, B, _engine.NO_MASK, False, out, mean, var, count,
-                              _engine.STATS_AND_APPLY, gamma2, self._beta.reshape(G, C // G))
+                              _engine.STATS_AND_APPLY, gamma2, beta2)
         return y, (x, x4, B, mean, var, count, _engine.NO_MASK, False, gamma2), None
 
     def _backward(self, dy, saved, out):
@@ -700,19 +778,27 @@ class _TrailingNorm(_EngineNorm):
     def _gamma_beta(self):
         raise NotImplementedError
 
-    def _forward(self, x, training, mask, out):
-        D = math.prod(self.normalized_shape)
-        x4 = x.reshape(-1, 1, D, 1)            # (R, 1, D, 1)
-        mean, var, count = self._statistics(x4, 1)
+    def _affine_views(self):
+        """gamma, beta as (1, D): one group of D features."""
         gamma, beta = self._gamma_beta()
+        D = math.prod(self.normalized_shape)
+        return gamma.reshape(1, D), beta.reshape(1, D)
+
+    def _plan(self, x, training):
+        """The (R, 1, D, 1) view's shape."""
+        D = math.prod(self.normalized_shape)
+        return x.size // D, 1, D, 1
+
+    def _forward(self, x, training, mask, out):
+        x4 = x.reshape(self._plans[x.shape, training])   # (R, 1, D, 1)
+        mean, var, count = self._statistics(x4, 1)
+        gamma2, beta2 = self._affine2
         y = self._run_forward(x, x4, 1, _engine.NO_MASK, False, out, mean, var, count,
-                              _engine.STATS_AND_APPLY, gamma.reshape(1, D), beta.reshape(1, D))
+                              _engine.STATS_AND_APPLY, gamma2, beta2)
         return y, (x, x4, 1, mean, var, count, _engine.NO_MASK, False), None
 
     def _backward(self, dy, saved, out):
-        D = math.prod(self.normalized_shape)
-        dx, dgamma, dbeta = self._run_backward(dy, saved, out,
-                                               self._gamma_beta()[0].reshape(1, D), frozen=False)
+        dx, dgamma, dbeta = self._run_backward(dy, saved, out, self._affine2[0], frozen=False)
         return dx, self._grads(dgamma.reshape(self.normalized_shape),
                                dbeta.reshape(self.normalized_shape))
 

@@ -121,6 +121,11 @@ class RecurrentBatchNorm(_EngineNorm):
         """beta (F,) as the kernels use it (zeros without bias)."""
         return self.params["beta"] if self.bias else self._fixed["beta"]
 
+    def _affine_views(self):
+        """gamma, beta as (F, 1): one statistics group per feature."""
+        F = self.num_features
+        return self.gamma.reshape(F, 1), self.beta.reshape(F, 1)
+
     @property
     def num_slots(self) -> int:
         return self.state["running_mean"].shape[0]
@@ -206,7 +211,7 @@ class RecurrentBatchNorm(_EngineNorm):
         x4 = x.reshape(T * N, F, 1, 1)         # (T*N, F, 1, 1): a step is a statistics group
         mask2, masked = (_engine.NO_MASK, False) if mask is None else (mask.reshape(T * N, 1), True)
         B = N if self.per_step else T * N
-        gamma2, beta2 = self.gamma.reshape(F, 1), self.beta.reshape(F, 1)
+        gamma2, beta2 = self._affine2
         if not training:                       # step t >= max_steps: the last step's statistics
             steps = np.minimum(np.arange(T), self.num_slots - 1) if self.per_step else [0]
             mean = self.state["running_mean"][steps].astype(np.float64)
@@ -227,8 +232,7 @@ class RecurrentBatchNorm(_EngineNorm):
         return y, (x, x4, B, mean, var, count, mask2, masked, False), commit
 
     def _backward(self, dy, saved, out):
-        F = self.num_features
-        dx, dgamma, dbeta = self._run_backward(dy, saved, out, self.gamma.reshape(F, 1),
+        dx, dgamma, dbeta = self._run_backward(dy, saved, out, self._affine2[0],
                                                frozen=saved[8])
         grads = {}
         if self.affine:

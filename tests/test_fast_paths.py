@@ -6,7 +6,9 @@ parallel ones.
 """
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -339,3 +341,175 @@ def test_batch_non_contiguous_x_gives_the_contiguous_result():
     y = norm.forward(x.T, training=True)       # same shape, other strides
     plain.forward(np.ascontiguousarray(x.T), training=True)
     np.testing.assert_array_equal(y, plain.forward(np.ascontiguousarray(x.T), training=True))
+
+
+# -- checks run once per input signature; the per-call checks stay ----------------------------
+
+
+def _state_of(norm):
+    return {k: v.copy() for k, v in norm.state.items()}
+
+
+def _assert_state(norm, state):
+    for key, value in state.items():
+        np.testing.assert_array_equal(norm.state[key], value, err_msg=key)
+
+
+def test_checked_signature_is_not_reused_for_another_shape_dtype_or_mode():
+    norm = normkit.make("batch", 4)
+    x = np.random.default_rng(10).standard_normal((6, 4)).astype(F32)
+    norm.forward(x, training=True)
+    norm.forward(x[:1].copy(), training=False)  # (1, 4) in evaluation: fine, and now checked
+    state = _state_of(norm)
+    for bad, exc, fragment in [(x[:1].copy(), ValueError, "more than 1 value per channel"),
+                               (x[:, :3].copy(), ValueError, "num_features=4"),
+                               (x.astype(np.float64), TypeError, "x has dtype float64"),
+                               (x.reshape(6, 4, 1)[:, :, :0], ValueError, "x is empty")]:
+        with pytest.raises(exc, match=fragment):
+            norm.forward(bad, training=True)
+        _assert_state(norm, state)
+
+
+def test_mask_and_out_are_checked_on_every_call_of_a_checked_signature():
+    norm, plain = normkit.make("batch", 4), normkit.make("batch", 4)
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((6, 4, 5)).astype(F32)
+    mask = rng.random((6, 5)) > 0.2
+    norm.forward(x, training=True)
+    plain.forward(x, training=True)
+    state = _state_of(norm)
+    for kwargs, exc, fragment in [({"mask": mask[:, :4]}, ValueError, "mask must have shape"),
+                                  ({"mask": mask.astype(F32)}, TypeError, "bool array"),
+                                  ({"out": np.empty((6, 4, 4), F32)}, ValueError, "out must be"),
+                                  ({"out": x}, ValueError, "out must not overlap")]:
+        with pytest.raises(exc, match=fragment):
+            norm.forward(x, training=True, **kwargs)
+        _assert_state(norm, state)
+    out = np.empty_like(x)
+    assert norm.forward(x, training=True, mask=mask, out=out) is out
+    np.testing.assert_array_equal(out, plain.forward(x, training=True, mask=mask))
+    assert (out[~np.broadcast_to(mask[:, None, :], x.shape)] == 0).all()
+    y = norm.forward(x, training=True)         # back to no mask and no out: a fresh array
+    assert not np.shares_memory(y, out)
+    np.testing.assert_array_equal(y, plain.forward(x, training=True))
+    _assert_state(norm, _state_of(plain))
+
+
+@pytest.mark.parametrize("key", ["running_mean", "running_var", "num_batches_tracked"])
+def test_state_replaced_with_a_wrong_array_is_refused_and_changes_nothing(key):
+    norm = normkit.make("batch", 4)
+    rng = np.random.default_rng(12)
+    x, dy = rng.standard_normal((6, 4)).astype(F32), rng.standard_normal((6, 4)).astype(F32)
+    norm.forward(x, training=True)
+    norm.backward(dy)
+    state, grads = _state_of(norm), {k: v.copy() for k, v in norm.grads.items()}
+    norm.state[key] = np.zeros(3, norm.state[key].dtype)
+    for call in (lambda: norm.forward(x, training=True), lambda: norm.backward(dy)):
+        with pytest.raises(ValueError, match=rf"state\['{key}'\] must be a writeable"):
+            call()
+        for other, value in state.items():
+            if other != key:
+                np.testing.assert_array_equal(norm.state[other], value, err_msg=other)
+        for name, value in grads.items():
+            np.testing.assert_array_equal(norm.grads[name], value, err_msg=name)
+
+
+def test_replaced_arrays_of_the_right_shape_are_the_ones_used():
+    """Views of params and state follow an array replaced from outside (same shape and dtype)."""
+    norm, plain = normkit.make("batch", 4), normkit.make("batch", 4)
+    rng = np.random.default_rng(13)
+    x, dy = rng.standard_normal((6, 4)).astype(F32), rng.standard_normal((6, 4)).astype(F32)
+    norm.forward(x, training=True)
+    plain.forward(x, training=True)
+    gamma = rng.uniform(0.5, 2, 4).astype(F32)
+    old_mean = norm.state["running_mean"]
+    norm.params["gamma"] = gamma.copy()
+    norm.state["running_mean"] = old_mean.copy()
+    plain.params["gamma"][...] = gamma
+    np.testing.assert_array_equal(norm.forward(x, training=True), plain.forward(x, training=True))
+    np.testing.assert_array_equal(norm.backward(dy), plain.backward(dy))
+    _assert_state(norm, _state_of(plain))      # the new running_mean was updated...
+    assert not np.array_equal(old_mean, norm.state["running_mean"])   # ...not the old one
+    np.testing.assert_array_equal(norm.forward(x[:2].copy(), training=False),
+                                  plain.forward(x[:2].copy(), training=False))
+
+
+@pytest.mark.parametrize("name,kwargs,shape", [("group", {"num_groups": 2}, (3, 4, 5)),
+                                               ("layer", {}, (3, 4)), ("rms", {}, (3, 4))])
+def test_replaced_params_are_used_by_the_other_engine_norms(name, kwargs, shape):
+    norm, plain = (normkit.make(name, _features(name, shape), **kwargs) for _ in range(2))
+    rng = np.random.default_rng(14)
+    x, dy = rng.standard_normal(shape).astype(F32), rng.standard_normal(shape).astype(F32)
+    norm.forward(x, training=True)
+    for key, value in norm.params.items():
+        new = rng.standard_normal(value.shape).astype(F32)
+        norm.params[key] = new
+        plain.params[key][...] = new
+    np.testing.assert_array_equal(norm.forward(x, training=True), plain.forward(x, training=True))
+    np.testing.assert_array_equal(norm.backward(dy), plain.backward(dy))
+    for key in norm.grads:
+        np.testing.assert_array_equal(norm.grads[key], plain.grads[key], err_msg=key)
+
+
+def test_gamma_replaced_between_forward_and_backward_is_refused():
+    norm = normkit.make("batch", 4)
+    rng = np.random.default_rng(15)
+    x, dy = rng.standard_normal((6, 4)).astype(F32), rng.standard_normal((6, 4)).astype(F32)
+    norm.forward(x, training=True)
+    grads = {k: v.copy() for k, v in norm.grads.items()}
+    norm.params["gamma"] = np.ones(5, F32)
+    with pytest.raises(ValueError, match=r"params\['gamma'\] must be a writeable"):
+        norm.backward(dy)
+    for key, value in grads.items():
+        np.testing.assert_array_equal(norm.grads[key], value, err_msg=key)
+
+
+def test_changing_a_setting_checks_the_signature_again():
+    ghost = normkit.make("ghost", 4, virtual_batch_size=3)
+    x = np.random.default_rng(16).standard_normal((6, 4)).astype(F32)
+    ghost.forward(x, training=True)
+    state = _state_of(ghost)
+    ghost.virtual_batch_size = 4
+    with pytest.raises(ValueError, match="virtual_batch_size=4 must divide the batch size"):
+        ghost.forward(x, training=True)
+    _assert_state(ghost, state)
+    ghost.virtual_batch_size = 2
+    twin = normkit.make("ghost", 4, virtual_batch_size=2)
+    twin.state["num_batches_tracked"][...] = 1
+    for key in ("running_mean", "running_var"):
+        twin.state[key][...] = state[key]
+    np.testing.assert_array_equal(ghost.forward(x, training=True), twin.forward(x, training=True))
+    _assert_state(ghost, _state_of(twin))
+
+    group = normkit.make("group", 4, num_groups=2)
+    x3 = x.reshape(6, 4, 1) + np.arange(3, dtype=F32)
+    group.forward(x3, training=True)
+    group.num_groups = 4                       # the (G, C/G) views of gamma/beta follow
+    np.testing.assert_array_equal(group.forward(x3, training=True),
+                                  normkit.make("group", 4, num_groups=4).forward(x3, training=True))
+
+
+@pytest.mark.parametrize("clone", [copy.deepcopy, lambda norm: pickle.loads(pickle.dumps(norm))],
+                         ids=["deepcopy", "pickle"])
+@pytest.mark.parametrize("name,kwargs,shape", [("batch", {}, (6, 4)),
+                                               ("group", {"num_groups": 2}, (3, 4, 5)),
+                                               ("layer", {}, (3, 4))])
+def test_a_copy_of_a_used_norm_computes_with_its_own_arrays(clone, name, kwargs, shape):
+    """A copy's params/state are arrays of its own; its views must follow them, not the
+    original's nor copies of the original's views."""
+    norm, plain = (normkit.make(name, _features(name, shape), **kwargs) for _ in range(2))
+    rng = np.random.default_rng(17)
+    x, dy = rng.standard_normal(shape).astype(F32), rng.standard_normal(shape).astype(F32)
+    norm.forward(x, training=True)
+    plain.forward(x, training=True)
+    twin = clone(norm)
+    before = _state_of(norm), {k: v.copy() for k, v in norm.params.items()}
+    for key, value in twin.params.items():
+        value[...] = rng.standard_normal(value.shape)   # an optimizer step on the copy
+        plain.params[key][...] = value
+    np.testing.assert_array_equal(twin.forward(x, training=True), plain.forward(x, training=True))
+    np.testing.assert_array_equal(twin.backward(dy), plain.backward(dy))
+    _assert_state(twin, _state_of(plain))
+    _assert_state(norm, before[0])             # the original is untouched
+    for key, value in before[1].items():
+        np.testing.assert_array_equal(norm.params[key], value, err_msg=key)
