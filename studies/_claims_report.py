@@ -481,6 +481,17 @@ def analyze_cost(frame: pd.DataFrame) -> ClaimReport:
                          f"examples {infer_ratio:.2f}x, folded {folded_ratio:.2f}x")
     fold_error = ok["fold_error"].dropna()
     table = pd.DataFrame(rows)
+    spread = ok.groupby(["model", "norm"])["train_epoch_s"].agg(
+        lambda times: times.std() / times.mean()).dropna()
+    spread_text = (f"the training-epoch times of one cell vary over its runs by "
+                   f"{100 * spread.min():.0f} to {100 * spread.max():.0f} % (std / mean)"
+                   if len(spread) else "one run per cell: no spread to report")
+
+    def ratios(model, norm, column):
+        """Each run's time over the median time of ``none`` (the same model)."""
+        part = ok[ok["model"] == model]
+        base = part.loc[part["norm"] == "none", column].median()
+        return part.loc[part["norm"] == norm, column].dropna() / base
     if not fold_error.empty:
         lines.append(f"folded outputs differ from unfolded by at most "
                      f"{fold_error.max():.1e} of the largest output (float32)")
@@ -493,7 +504,16 @@ def analyze_cost(frame: pd.DataFrame) -> ClaimReport:
             width = 0.8 / len(part)
             for i, (norm, row) in enumerate(part.iterrows()):
                 values = [row.get(f"{label} / none", np.nan) for label in labels]
-                axes.bar(np.arange(len(labels)) + i * width, values, width, label=norm)
+                low, high = [], []                 # the runs' interquartile range
+                for column, value in zip(COST_COLUMNS, values):
+                    runs = ratios(model, norm, column) if norm in set(ok["norm"]) else None
+                    if runs is None or len(runs) < 2 or np.isnan(value):
+                        low.append(0.0), high.append(0.0)
+                        continue
+                    low.append(max(0.0, value - runs.quantile(0.25)))
+                    high.append(max(0.0, runs.quantile(0.75) - value))
+                axes.bar(np.arange(len(labels)) + i * width, values, width, label=norm,
+                         yerr=[low, high], capsize=2, error_kw={"linewidth": 0.8})
             axes.axhline(1.0, color="black", linewidth=0.8)
             axes.set_xticks(np.arange(len(labels)) + 0.4 - width / 2, labels, fontsize=8)
             axes.set_ylabel("time / time without normalization")
@@ -511,16 +531,18 @@ def analyze_cost(frame: pd.DataFrame) -> ClaimReport:
               f"warm-up epoch, then the fastest of 3 timed epochs, and the fastest of 5 repeats "
               f"of 20 (256 examples) or 200 (1 example) evaluation-mode calls; batch norm also "
               f"through normkit.inference.fold. One thread per process, {_seeds(frame)} runs "
-              f"per cell (median), two runs in parallel on a shared 2-core machine: expect "
-              f"noise of ~10-20 %.",
+              f"per cell (median), two runs in parallel on a shared 2-core machine: "
+              f"{spread_text}.",
         rule=f"Holds if a training epoch with batch norm takes more than {COST_FACTOR:g}x the time "
              f"without normalization on every model (median over runs), mixed if on some; the "
              f"folded inference time is reported, not judged.",
         outcome=rule.judge(frame), evidence="; ".join(lines) + ".",
         tables={"time per call, and relative to none": table.round(4)}, draw=draw,
         figsize=(10, 3.6),
-        caption="Bars: median over the runs of the time relative to the same model without "
-                "normalization (linear axis; 1 = no cost).")
+        caption="Bars: median over the runs of the time relative to the median time of the "
+                "same model without normalization (linear axis; 1 = no cost); error bars: the "
+                "runs' interquartile range of that ratio (none for the folded model, timed "
+                "once per run beside the unfolded one).")
 
 
 # ---------------------------------------------------------------------------------------------
