@@ -184,8 +184,8 @@ class EvoNormS0(_SpatialNorm):
                             self.eps, True, _engine.NO_MASK, False, xg, mean, var, np.empty(N),
                             _engine.STATS_ONLY)
         y = check_out(out, x.shape, self.dtype, x)
-        _pw.evonorm_s0_forward(x3, self.params["v"], self._gamma, self._beta, var, self.eps,
-                               y.reshape(x3.shape))
+        _pw.run_evonorm_s0_forward(x3, self.params["v"], self._gamma, self._beta, var,
+                                   self.eps, y.reshape(x3.shape))
         return y, (x, mean, var), None
 
     def _backward(self, dy, saved, out):
@@ -193,8 +193,8 @@ class EvoNormS0(_SpatialNorm):
         x3, _ = self._views(x)
         dx = check_out(out, x.shape, self.dtype, x, dy)
         part = np.empty((3,) + x3.shape[:2])                            # (3, N, C)
-        _pw.evonorm_s0_backward(dy.reshape(x3.shape), x3, self.params["v"], self._gamma, mean,
-                                var, self.eps, dx.reshape(x3.shape), part)
+        _pw.run_evonorm_s0_backward(dy.reshape(x3.shape), x3, self.params["v"], self._gamma,
+                                    mean, var, self.eps, dx.reshape(x3.shape), part)
         dgamma, dbeta, dv = part.sum(axis=1)
         return dx, {"gamma": dgamma, "beta": dbeta, "v": dv}
 

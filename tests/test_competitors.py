@@ -569,3 +569,27 @@ def test_small_batch_findings_compare_each_competitor_with_group_and_batch_norm(
            "at batch 2: 10.0%, worse than group (3.1%)." in text
     assert "**dyt** at batch 32: 3.0%, level with group (3.0%) and level with batch (3.0%); " \
            "at batch 2: 3.1%, level with group (3.1%)." in text
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_evonorm_s0_parallel_twin_equals_the_serial_kernel(dtype):
+    """A large input runs EvoNorm-S0 with the samples on threads; it computes exactly what the
+    public single-threaded kernels compute (the same arithmetic per sample and group)."""
+    from normkit.kernels import pointwise
+    shape = (64, SHAPE[1], 8, 8)                  # 32768 values: the parallel twins
+    norm = build("evonorm_s0", dtype)
+    x = data(dtype, 3, shape)
+    dy = data(dtype, 4, shape)
+    y = norm.forward(x, training=True)
+    dx = norm.backward(dy)
+    _, mean, var = norm._saved
+    x3, dy3 = x.reshape(64, SHAPE[1], -1), dy.reshape(64, SHAPE[1], -1)
+    y_serial, dx_serial = np.empty_like(x3), np.empty_like(x3)
+    part = np.empty((3, 64, SHAPE[1]))
+    pointwise.evonorm_s0_forward(x3, norm.params["v"], norm.params["gamma"],
+                                 norm.params["beta"], var, norm.eps, y_serial)
+    pointwise.evonorm_s0_backward(dy3, x3, norm.params["v"], norm.params["gamma"], mean, var,
+                                  norm.eps, dx_serial, part)
+    assert np.array_equal(y.reshape(x3.shape), y_serial)
+    assert np.array_equal(dx.reshape(x3.shape), dx_serial)
+    np.testing.assert_array_equal(norm.grads["v"], part[2].sum(axis=0).astype(dtype))

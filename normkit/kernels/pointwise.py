@@ -19,9 +19,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numba import prange
 
+from ._engine import PARALLEL_MIN_SIZE
 from ._engine import _cast_like as _like
-from ._jit import jit
+from ._jit import jit, serial_and_parallel
 
 
 @jit()
@@ -209,22 +211,49 @@ def _check_groups(x3, mean, var):
 
 
 @jit()
-def evonorm_s0_forward(x3, v, gamma, beta, var, eps, y3):
-    """y3 = x * sigmoid(v x) / sqrt(var[n, g] + eps) * gamma + beta; var (N, G) the engine's
-    group variance (channel c in group c // (C / G))."""
-    N, C, L = x3.shape
+def _check_s0(x3, v, gamma, var, out3):
+    """Shapes of EvoNorm-S0's arrays; returns C / G (channels per group)."""
     Cg = _check_groups(x3, var, var)
+    C = x3.shape[1]
     _check_channels(3, v, C)
     _check_channels(0, gamma, C)
-    _check_channels(1, beta, C)
-    _check_like(1, y3, x3)
-    for n in range(N):
+    _check_like(1, out3, x3)
+    return Cg
+
+
+def _evonorm_s0_forward_loop(x3, v, gamma, beta, var, eps, y3):
+    """y3 = x * sigmoid(v x) / sqrt(var[n, g] + eps) * gamma + beta, samples in parallel."""
+    N, C, L = x3.shape
+    Cg = C // var.shape[1]
+    for n in prange(N):
         for c in range(C):
             inv = 1.0 / np.sqrt(var[n, c // Cg] + eps)
             vc, g, b = np.float64(v[c]), np.float64(gamma[c]), np.float64(beta[c])
             for l in range(L):
                 xv = np.float64(x3[n, c, l])
                 y3[n, c, l] = xv * sigmoid(vc * xv) * inv * g + b
+
+
+_s0_forward_serial, _s0_forward_parallel = serial_and_parallel(_evonorm_s0_forward_loop)
+
+
+@jit()
+def evonorm_s0_forward(x3, v, gamma, beta, var, eps, y3):
+    """y3 = x * sigmoid(v x) / sqrt(var[n, g] + eps) * gamma + beta; var (N, G) the engine's
+    group variance (channel c in group c // (C / G)). On the calling thread; from Python,
+    :func:`run_evonorm_s0_forward` takes the samples in parallel for large inputs."""
+    _check_s0(x3, v, gamma, var, y3)
+    _check_channels(1, beta, x3.shape[1])
+    _s0_forward_serial(x3, v, gamma, beta, var, eps, y3)
+
+
+def run_evonorm_s0_forward(x3, v, gamma, beta, var, eps, y3):
+    """:func:`evonorm_s0_forward` from Python: the same arithmetic, the samples on threads
+    when x3 has PARALLEL_MIN_SIZE values or more (only the twin used is compiled)."""
+    _check_s0(x3, v, gamma, var, y3)
+    _check_channels(1, beta, x3.shape[1])
+    twin = _s0_forward_parallel if x3.size >= PARALLEL_MIN_SIZE else _s0_forward_serial
+    twin(x3, v, gamma, beta, var, eps, y3)
 
 
 # s = sigmoid(v x), h = x s, inv = (var + eps)^(-1/2), y = gamma h inv + beta; per group (n, g)
@@ -234,21 +263,13 @@ def evonorm_s0_forward(x3, v, gamma, beta, var, eps, y3):
 #   dvar[n, g] = -1/2 inv^3 sum_group dy gamma h
 #   dx = dh (s + v x s (1 - s)) + dvar * 2 (x - mean[n, g]) / M
 # Per-(n, c) partial sums of dgamma, dbeta, dv go to part (3, N, C); the caller adds over n.
-@jit()
-def evonorm_s0_backward(dy3, x3, v, gamma, mean, var, eps, dx3, part):
-    """Gradient of :func:`evonorm_s0_forward`: dx into dx3; part (3, N, C) float64 gets the
-    per-sample sums of (dgamma, dbeta, dv)."""
+def _evonorm_s0_backward_loop(dy3, x3, v, gamma, mean, var, eps, dx3, part):
+    """Gradient of the forward, samples in parallel (each (n, g) summed in order)."""
     N, C, L = x3.shape
-    Cg = _check_groups(x3, mean, var)
-    G = C // Cg
-    _check_channels(3, v, C)
-    _check_channels(0, gamma, C)
-    _check_like(0, dy3, x3)
-    _check_like(1, dx3, x3)
-    if part.shape[0] != 3 or part.shape[1] != N or part.shape[2] != C:
-        raise ValueError("part must have shape (3, N, C)")
+    G = var.shape[1]
+    Cg = C // G
     M = Cg * L
-    for n in range(N):
+    for n in prange(N):
         for g in range(G):
             inv = 1.0 / np.sqrt(var[n, g] + eps)
             s_dy_gh = 0.0
@@ -276,6 +297,34 @@ def evonorm_s0_backward(dy3, x3, v, gamma, mean, var, eps, dx3, part):
                     s = sigmoid(vc * xv)
                     dh = np.float64(dy3[n, c, l]) * gc * inv
                     dx3[n, c, l] = dh * (s + vc * xv * s * (1.0 - s)) + dvar_2_m * (xv - mu)
+
+
+_s0_backward_serial, _s0_backward_parallel = serial_and_parallel(_evonorm_s0_backward_loop)
+
+
+@jit()
+def _check_s0_backward(dy3, x3, v, gamma, mean, var, dx3, part):
+    _check_s0(x3, v, gamma, var, dx3)
+    _check_groups(x3, mean, var)
+    _check_like(0, dy3, x3)
+    if part.shape[0] != 3 or part.shape[1] != x3.shape[0] or part.shape[2] != x3.shape[1]:
+        raise ValueError("part must have shape (3, N, C)")
+
+
+@jit()
+def evonorm_s0_backward(dy3, x3, v, gamma, mean, var, eps, dx3, part):
+    """Gradient of :func:`evonorm_s0_forward`: dx into dx3; part (3, N, C) float64 gets the
+    per-sample sums of (dgamma, dbeta, dv). On the calling thread; from Python,
+    :func:`run_evonorm_s0_backward` takes the samples in parallel for large inputs."""
+    _check_s0_backward(dy3, x3, v, gamma, mean, var, dx3, part)
+    _s0_backward_serial(dy3, x3, v, gamma, mean, var, eps, dx3, part)
+
+
+def run_evonorm_s0_backward(dy3, x3, v, gamma, mean, var, eps, dx3, part):
+    """:func:`evonorm_s0_backward` from Python, the samples on threads for large inputs."""
+    _check_s0_backward(dy3, x3, v, gamma, mean, var, dx3, part)
+    twin = _s0_backward_parallel if x3.size >= PARALLEL_MIN_SIZE else _s0_backward_serial
+    twin(dy3, x3, v, gamma, mean, var, eps, dx3, part)
 
 
 # ---------------------------------------------------------------------------------------------
