@@ -1,6 +1,7 @@
 """`normkit readme`: the README's studies block is written from the results files, and checked."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,28 @@ def test_readme_without_markers_is_a_usage_error(project, capsys):
     assert _readme(project, "--check") == 2
     assert BEGIN in capsys.readouterr().err
     assert (project / "README.md").read_text() == "# no block\n"
+
+
+def _python_examples() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"),
+                      re.S)
+
+
+def _run(code: str, name: str, namespace: dict) -> None:
+    if "import torch" in code:
+        pytest.importorskip("torch")
+    exec(compile(code, name, "exec"), namespace)
+
+
+def test_readme_python_examples_run_as_written(tmp_path, monkeypatch):
+    """Every ```python block of the README runs: in order in one namespace (as a reader follows
+    along), and on its own unless it says it uses the model built above it."""
+    examples = _python_examples()
+    assert len(examples) >= 8
+    monkeypatch.chdir(tmp_path)                # nothing the examples write lands in the repo
+    namespace: dict = {}
+    for number, code in enumerate(examples):
+        _run(code, f"README.md python block {number}", namespace)
+    for number, code in enumerate(examples):
+        if "the Sequential above" not in code:
+            _run(code, f"README.md python block {number}, alone", {})
