@@ -16,7 +16,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from normkit.sweep import STATUSES, find_studies
+from normkit.sweep import STATUSES, find_studies, markdown_table
 
 __all__ = ["BEGIN", "END", "ReadmeError", "study_order", "study_section", "study_sections",
            "studies_block", "current_block", "replace_block", "first_difference",
@@ -102,13 +102,10 @@ def _verdicts_table(path: Path) -> list[str]:
     rows = _read_csv(path)
     if not rows:
         return []
-
-    def cell(text: str | None) -> str:
-        return (text or "").replace("|", "\\|").replace("\n", " ")
-
-    return (["| claim | verdict | n_min |", "| --- | --- | ---: |"]
-            + [f"| {cell(r.get('claim'))} | {cell(r.get('verdict'))} | {cell(r.get('n_min'))} |"
-               for r in rows])
+    import pandas as pd
+    table = pd.DataFrame(rows, columns=["claim", "verdict", "n_min"])
+    table["n_min"] = pd.to_numeric(table["n_min"], errors="coerce").astype("Int64")
+    return markdown_table(table).splitlines()
 
 
 def study_section(study: str, out: str | os.PathLike, readme_dir: str | os.PathLike) -> str:

@@ -238,20 +238,24 @@ _s0_forward_serial, _s0_forward_parallel = serial_and_parallel(_evonorm_s0_forwa
 
 
 @jit()
+def _check_s0_forward(x3, v, gamma, beta, var, y3):
+    _check_s0(x3, v, gamma, var, y3)
+    _check_channels(1, beta, x3.shape[1])
+
+
+@jit()
 def evonorm_s0_forward(x3, v, gamma, beta, var, eps, y3):
     """y3 = x * sigmoid(v x) / sqrt(var[n, g] + eps) * gamma + beta; var (N, G) the engine's
     group variance (channel c in group c // (C / G)). On the calling thread; from Python,
     :func:`run_evonorm_s0_forward` takes the samples in parallel for large inputs."""
-    _check_s0(x3, v, gamma, var, y3)
-    _check_channels(1, beta, x3.shape[1])
+    _check_s0_forward(x3, v, gamma, beta, var, y3)
     _s0_forward_serial(x3, v, gamma, beta, var, eps, y3)
 
 
 def run_evonorm_s0_forward(x3, v, gamma, beta, var, eps, y3):
     """:func:`evonorm_s0_forward` from Python: the same arithmetic, the samples on threads
     when x3 has PARALLEL_MIN_SIZE values or more (only the twin used is compiled)."""
-    _check_s0(x3, v, gamma, var, y3)
-    _check_channels(1, beta, x3.shape[1])
+    _check_s0_forward(x3, v, gamma, beta, var, y3)
     twin = _s0_forward_parallel if x3.size >= PARALLEL_MIN_SIZE else _s0_forward_serial
     twin(x3, v, gamma, beta, var, eps, y3)
 
