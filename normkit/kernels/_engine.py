@@ -35,7 +35,7 @@ xhat = (x - mean) * inv_std and dxhat = gamma * dy::
 
 (RMS: c3 = 0. ``frozen``, statistics held constant as in evaluation mode: c2 = c3 = 0.)
 
-Two drivers share those formulas, one result per group whatever the number of threads (each
+Two layouts share those formulas, one result per group whatever the number of threads (each
 group is reduced by one thread in a fixed order, so serial and parallel runs agree bit for bit):
 
 - *planes* (``K * L > 1`` or ``B == 1``): a work item is a group; each of its rows is one
@@ -45,9 +45,12 @@ group is reduced by one thread in a fixed order, so serial and parallel runs agr
   channel) and computes each channel's count, mean and M2; the chunks of a row-group are merged
   in chunk order (Chan et al.'s pairwise update). The chunk size depends on the shape only.
 
-Every driver takes its flags as runtime arguments, so each compiles once per dtype. Each driver
-has a serial and a parallel twin compiled from the same source, picked by the input's size;
-``run_forward``/``run_backward`` pick one from Python and so compile only that one.
+Every driver takes its flags as runtime arguments, so each compiles once per dtype. The two
+layouts have separate drivers, each with a serial and a parallel twin compiled from the same
+source and picked by the input's size; ``run_forward``/``run_backward`` pick one of the four
+from Python and so compile only that one (a first batch norm on images never compiles the
+columns code). Jitted callers take ``forward``/``backward`` (all four) or
+``forward_serial``/``backward_serial``.
 """
 from __future__ import annotations
 
@@ -775,40 +778,56 @@ def _rows_backward_item(phase, s, dy2, x2, dx2, B, R, J, mask2, masked, mean, ch
 # parallel twin of each, chosen by size (the serial one compiles in a fraction of the time).
 # ---------------------------------------------------------------------------------------------
 
-def _forward_loop(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, count, mode):
-    """Statistics of every group into mean, var (V, G) float64 and count (V,) (unless
-    mode == APPLY_ONLY: then mean, var are given), and/or y4 = the normalized output.
-
-    x4, y4 (N, G, K, L) C-contiguous, same dtype; gamma2, beta2 (G, K); mask2 (N, L) bool read
-    only if ``masked``. (The body of the twins of :func:`forward`.)
-    """
-    N, G, K, L = x4.shape
+@jit()
+def _check_forward(x4, B, gamma2, beta2, mask2, masked, y4, mean, var, count):
+    """The shapes a forward driver indexes with; then the valid counts of a masked call."""
+    G, K = x4.shape[1], x4.shape[2]
     check_view(x4, B, mask2, masked, mean, var, count)
     if gamma2.shape[0] != G or gamma2.shape[1] != K or beta2.shape[0] != G or beta2.shape[1] != K:
         raise ValueError("gamma and beta must have one value per channel (G, K)")
     if y4.shape != x4.shape:
         raise ValueError("out must have the shape of x")
-    count_valid(mask2, masked, B, K, L, count)
+    count_valid(mask2, masked, B, K, x4.shape[3], count)
+
+
+@jit()
+def _is_columns(x4, B):
+    """The columns driver's layout: one value per (row, group) and groups over B > 1 rows."""
+    return x4.shape[2] * x4.shape[3] == 1 and B > 1
+
+
+def _forward_planes_loop(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var,
+                         count, mode):
+    """:func:`forward` on the planes layout (a work item per row-group and group)."""
+    N, G, K, L = x4.shape
+    _check_forward(x4, B, gamma2, beta2, mask2, masked, y4, mean, var, count)
     stream = _streams(y4)
     V = N // B
-    columns = K * L == 1 and B > 1
     x3 = x4.reshape((N, G, K * L))
     y3 = y4.reshape((N, G, K * L))
+    for item in prange(V * G):
+        _plane_forward_item(np.int64(item), x3, y3, B, K, L, gamma2, beta2, eps, centered,
+                            mask2, masked, mean, var, count, mode, stream)
+
+
+def _forward_columns_loop(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var,
+                          count, mode):
+    """:func:`forward` on the columns layout (x4 (N, C, 1, 1), B > 1): chunks of rows, their
+    statistics merged per channel, then the rows normalized, in phases."""
+    N, G, K, L = x4.shape
+    _check_forward(x4, B, gamma2, beta2, mask2, masked, y4, mean, var, count)
+    V = N // B
     x2 = x4.reshape((N, G * K * L))            # rows of the columns driver: (N, C)
     y2 = y4.reshape((N, G * K * L))
-    R = _chunk_rows(B, G, x4.itemsize) if columns else 1
+    R = _chunk_rows(B, G, x4.itemsize)
     J = (B + R - 1) // R
     blocks = (G + _MERGE_BLOCK - 1) // _MERGE_BLOCK
-    W = G if columns else 0
     chunk_count = np.empty((V, J))             # (V, J) valid rows of each chunk
-    chunk_mean = np.empty((V, J, W))           # (V, J, C) per-chunk statistics
-    chunk_m2 = np.empty((V, J, W))
-    coef = np.empty((3, V, W), x4.dtype)       # (3, V, C) mean_hi, scale, shift in x's dtype
-    if not columns:
-        first, last = _PLANES, _PLANES
-    else:
-        first = _ROWS_APPLY if mode == APPLY_ONLY else _CHUNK_STATS
-        last = _MERGE if mode == STATS_ONLY else _ROWS_APPLY
+    chunk_mean = np.empty((V, J, G))           # (V, J, C) per-chunk statistics
+    chunk_m2 = np.empty((V, J, G))
+    coef = np.empty((3, V, G), x4.dtype)       # (3, V, C) mean_hi, scale, shift in x's dtype
+    first = _ROWS_APPLY if mode == APPLY_ONLY else _CHUNK_STATS
+    last = _MERGE if mode == STATS_ONLY else _ROWS_APPLY
     for phase in range(first, last + 1):
         if phase == _ROWS_APPLY:
             for v in range(V):
@@ -820,20 +839,42 @@ def _forward_loop(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, 
                     coef[0, v, c] = mean_hi
                     coef[1, v, c] = scale
                     coef[2, v, c] = beta2[c, 0] - (mean[v, c] - np.float64(mean_hi)) * scale
-        items = V * G if phase == _PLANES else V * blocks if phase == _MERGE else V * J
+        items = V * blocks if phase == _MERGE else V * J
         for item in prange(items):
             s = np.int64(item)
-            if phase == _PLANES:
-                _plane_forward_item(s, x3, y3, B, K, L, gamma2, beta2, eps, centered, mask2,
-                                    masked, mean, var, count, mode, stream)
-            elif phase == _MERGE:
+            if phase == _MERGE:
                 _merge_chunks(s, blocks, J, chunk_count, chunk_mean, chunk_m2, mean, var)
             else:
                 _rows_item(phase, s, x2, y2, B, R, J, mask2, masked, centered, chunk_count,
                            chunk_mean, chunk_m2, coef)
 
 
-forward_serial, forward_parallel = serial_and_parallel(_forward_loop)
+forward_planes_serial, forward_planes_parallel = serial_and_parallel(_forward_planes_loop)
+forward_columns_serial, forward_columns_parallel = serial_and_parallel(_forward_columns_loop)
+
+
+@jit()
+def forward_serial(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, count,
+                   mode):
+    """:func:`forward` on the calling thread (for jitted callers, e.g. the LSTM's steps)."""
+    if _is_columns(x4, B):
+        forward_columns_serial(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean,
+                               var, count, mode)
+    else:
+        forward_planes_serial(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean,
+                              var, count, mode)
+
+
+@jit()
+def forward_parallel(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, count,
+                     mode):
+    """:func:`forward` with its work items on threads."""
+    if _is_columns(x4, B):
+        forward_columns_parallel(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean,
+                                 var, count, mode)
+    else:
+        forward_planes_parallel(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean,
+                                var, count, mode)
 
 
 @jit()
@@ -846,18 +887,17 @@ def forward(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, c
     """
     if x4.size >= PARALLEL_MIN_SIZE:
         forward_parallel(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var,
-                          count, mode)
+                         count, mode)
     else:
         forward_serial(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var,
-                        count, mode)
+                       count, mode)
 
 
-def _backward_loop(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2, masked,
-                   dx4, dgamma2, dbeta2):
-    """Gradient of :func:`forward`: dx into dx4, dgamma and dbeta (G, K) float64 into
-    dgamma2, dbeta2 (overwritten). mean, var (V, G) and count (V,) as forward wrote them;
-    ``frozen``: the statistics are constants (evaluation mode)."""
-    N, G, K, L = x4.shape
+@jit()
+def _check_backward(dy4, x4, B, gamma2, mean, var, count, mask2, masked, dx4, dgamma2,
+                    dbeta2):
+    """The shapes a backward driver indexes with."""
+    G, K = x4.shape[1], x4.shape[2]
     check_view(x4, B, mask2, masked, mean, var, count)
     if dy4.shape != x4.shape or dx4.shape != x4.shape:
         raise ValueError("dy and out must have the shape of x")
@@ -866,41 +906,26 @@ def _backward_loop(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, 
     if (dgamma2.shape[0] != G or dgamma2.shape[1] != K or dbeta2.shape[0] != G
             or dbeta2.shape[1] != K):
         raise ValueError("dgamma and dbeta must have shape (G, K)")
+
+
+def _backward_planes_loop(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
+                          masked, dx4, dgamma2, dbeta2):
+    """:func:`backward` on the planes layout: a work item per chunk of row-groups and group,
+    its partial sums of dy and dy (x - mean) added over the chunks in order."""
+    N, G, K, L = x4.shape
+    _check_backward(dy4, x4, B, gamma2, mean, var, count, mask2, masked, dx4, dgamma2, dbeta2)
     stream = _streams(dx4)
     V = N // B
-    columns = K * L == 1 and B > 1
     x3 = x4.reshape((N, G, K * L))
     dy3 = dy4.reshape((N, G, K * L))
     dx3 = dx4.reshape((N, G, K * L))
-    x2 = x4.reshape((N, G * K * L))            # rows of the columns driver: (N, C)
-    dy2 = dy4.reshape((N, G * K * L))
-    dx2 = dx4.reshape((N, G * K * L))
-    R = _chunk_rows(B, G, x4.itemsize) if columns else 1
-    J = (B + R - 1) // R
-    # planes: (chunks, G, K) partial sums per chunk of row-groups; columns: (V, J, C) per chunk
     chunks = min(V, _MAX_CHUNKS)
-    P0, P1, P2 = (V, J, G) if columns else (chunks, G, K)
-    part_dy = np.zeros((P0, P1, P2))
-    part_dy_dev = np.zeros((P0, P1, P2))
-    W = G if columns else 0
-    coefficients = np.empty((4, V, W), x4.dtype)   # columns: dx's c1, mean_hi, c2, c3 (V, C)
-    first, last = (_ROWS_SUMS, _ROWS_DX) if columns else (_PLANES, _PLANES)
-    for phase in range(first, last + 1, 2):
-        if phase == _ROWS_DX:
-            _rows_coefficients(gamma2, mean, var, count, eps, centered, frozen, part_dy,
-                               part_dy_dev, coefficients, dgamma2, dbeta2)
-        items = chunks * G if phase == _PLANES else V * J
-        for item in prange(items):
-            s = np.int64(item)
-            if phase == _PLANES:
-                _plane_backward_item(s, dy3, x3, dx3, B, K, L, gamma2, mean, var, count, eps,
-                                     centered, frozen, mask2, masked, (V + chunks - 1) // chunks,
-                                     part_dy, part_dy_dev, stream)
-            else:
-                _rows_backward_item(phase, s, dy2, x2, dx2, B, R, J, mask2, masked, mean,
-                                    part_dy, part_dy_dev, coefficients)
-    if columns:                                # dgamma, dbeta: written with the coefficients
-        return
+    part_dy = np.zeros((chunks, G, K))         # (chunks, G, K) partial sums per chunk
+    part_dy_dev = np.zeros((chunks, G, K))
+    for item in prange(chunks * G):
+        _plane_backward_item(np.int64(item), dy3, x3, dx3, B, K, L, gamma2, mean, var, count,
+                             eps, centered, frozen, mask2, masked, (V + chunks - 1) // chunks,
+                             part_dy, part_dy_dev, stream)
     for g in range(G):
         for k in range(K):
             dbeta2[g, k] = 0.0
@@ -912,7 +937,56 @@ def _backward_loop(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, 
                 dgamma2[g, k] += part_dy_dev[j, g, k]
 
 
-backward_serial, backward_parallel = serial_and_parallel(_backward_loop)
+def _backward_columns_loop(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
+                           masked, dx4, dgamma2, dbeta2):
+    """:func:`backward` on the columns layout: per chunk of rows the sums of dy and
+    dy (x - mean), the coefficients of dx (and dgamma, dbeta) from them, then dx."""
+    N, G, K, L = x4.shape
+    _check_backward(dy4, x4, B, gamma2, mean, var, count, mask2, masked, dx4, dgamma2, dbeta2)
+    V = N // B
+    x2 = x4.reshape((N, G * K * L))            # rows of the columns driver: (N, C)
+    dy2 = dy4.reshape((N, G * K * L))
+    dx2 = dx4.reshape((N, G * K * L))
+    R = _chunk_rows(B, G, x4.itemsize)
+    J = (B + R - 1) // R
+    part_dy = np.zeros((V, J, G))              # (V, J, C) per chunk
+    part_dy_dev = np.zeros((V, J, G))
+    coefficients = np.empty((4, V, G), x4.dtype)   # dx's c1, mean_hi, c2, c3 (V, C)
+    for phase in range(_ROWS_SUMS, _ROWS_DX + 1, 2):
+        if phase == _ROWS_DX:
+            _rows_coefficients(gamma2, mean, var, count, eps, centered, frozen, part_dy,
+                               part_dy_dev, coefficients, dgamma2, dbeta2)
+        for item in prange(V * J):
+            _rows_backward_item(phase, np.int64(item), dy2, x2, dx2, B, R, J, mask2, masked,
+                                mean, part_dy, part_dy_dev, coefficients)
+
+
+backward_planes_serial, backward_planes_parallel = serial_and_parallel(_backward_planes_loop)
+backward_columns_serial, backward_columns_parallel = serial_and_parallel(_backward_columns_loop)
+
+
+@jit()
+def backward_serial(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2, masked,
+                    dx4, dgamma2, dbeta2):
+    """:func:`backward` on the calling thread (for jitted callers, e.g. the LSTM's steps)."""
+    if _is_columns(x4, B):
+        backward_columns_serial(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen,
+                                mask2, masked, dx4, dgamma2, dbeta2)
+    else:
+        backward_planes_serial(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen,
+                               mask2, masked, dx4, dgamma2, dbeta2)
+
+
+@jit()
+def backward_parallel(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
+                      masked, dx4, dgamma2, dbeta2):
+    """:func:`backward` with its work items on threads."""
+    if _is_columns(x4, B):
+        backward_columns_parallel(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen,
+                                  mask2, masked, dx4, dgamma2, dbeta2)
+    else:
+        backward_planes_parallel(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen,
+                                 mask2, masked, dx4, dgamma2, dbeta2)
 
 
 @jit()
@@ -923,22 +997,34 @@ def backward(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
     ``frozen``: the statistics are constants (evaluation mode)."""
     if x4.size >= PARALLEL_MIN_SIZE:
         backward_parallel(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
-                           masked, dx4, dgamma2, dbeta2)
+                          masked, dx4, dgamma2, dbeta2)
     else:
         backward_serial(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
-                         masked, dx4, dgamma2, dbeta2)
+                        masked, dx4, dgamma2, dbeta2)
 
 
-def run_forward(x4, *args):
-    """:func:`forward` from Python, compiling only the twin this size takes (same arguments)."""
-    driver = forward_parallel if x4.size >= PARALLEL_MIN_SIZE else forward_serial
-    driver(x4, *args)
+def by_size(x, serial, parallel):
+    """The twin a call from Python takes: ``parallel`` when x has PARALLEL_MIN_SIZE values or
+    more, else ``serial`` (only the twin called is compiled)."""
+    return parallel if x.size >= PARALLEL_MIN_SIZE else serial
 
 
-def run_backward(dy4, x4, *args):
-    """:func:`backward` from Python, compiling only the twin this size takes (same arguments)."""
-    driver = backward_parallel if x4.size >= PARALLEL_MIN_SIZE else backward_serial
-    driver(dy4, x4, *args)
+def _driver(x4, B, planes, columns):
+    """The one compiled driver of four a Python call takes: its layout's, serial or parallel by
+    size (so a first call compiles only the work items its layout runs)."""
+    return by_size(x4, *(columns if x4.shape[2] * x4.shape[3] == 1 and B > 1 else planes))
+
+
+def run_forward(x4, B, *args):
+    """:func:`forward` from Python, compiling only the driver this layout and size take."""
+    _driver(x4, B, (forward_planes_serial, forward_planes_parallel),
+            (forward_columns_serial, forward_columns_parallel))(x4, B, *args)
+
+
+def run_backward(dy4, x4, B, *args):
+    """:func:`backward` from Python, compiling only the driver this layout and size take."""
+    _driver(x4, B, (backward_planes_serial, backward_planes_parallel),
+            (backward_columns_serial, backward_columns_parallel))(dy4, x4, B, *args)
 
 
 @jit()

@@ -21,7 +21,7 @@ import math
 import numpy as np
 from numba import prange
 
-from ._engine import PARALLEL_MIN_SIZE
+from ._engine import by_size
 from ._engine import _cast_like as _like
 from ._jit import jit, serial_and_parallel
 
@@ -256,8 +256,7 @@ def run_evonorm_s0_forward(x3, v, gamma, beta, var, eps, y3):
     """:func:`evonorm_s0_forward` from Python: the same arithmetic, the samples on threads
     when x3 has PARALLEL_MIN_SIZE values or more (only the twin used is compiled)."""
     _check_s0_forward(x3, v, gamma, beta, var, y3)
-    twin = _s0_forward_parallel if x3.size >= PARALLEL_MIN_SIZE else _s0_forward_serial
-    twin(x3, v, gamma, beta, var, eps, y3)
+    by_size(x3, _s0_forward_serial, _s0_forward_parallel)(x3, v, gamma, beta, var, eps, y3)
 
 
 # s = sigmoid(v x), h = x s, inv = (var + eps)^(-1/2), y = gamma h inv + beta; per group (n, g)
@@ -327,8 +326,8 @@ def evonorm_s0_backward(dy3, x3, v, gamma, mean, var, eps, dx3, part):
 def run_evonorm_s0_backward(dy3, x3, v, gamma, mean, var, eps, dx3, part):
     """:func:`evonorm_s0_backward` from Python, the samples on threads for large inputs."""
     _check_s0_backward(dy3, x3, v, gamma, mean, var, dx3, part)
-    twin = _s0_backward_parallel if x3.size >= PARALLEL_MIN_SIZE else _s0_backward_serial
-    twin(dy3, x3, v, gamma, mean, var, eps, dx3, part)
+    by_size(x3, _s0_backward_serial, _s0_backward_parallel)(dy3, x3, v, gamma, mean, var, eps,
+                                                            dx3, part)
 
 
 # ---------------------------------------------------------------------------------------------
