@@ -16,7 +16,12 @@ in place between the two.
 
 Memory contract: ``forward`` and ``backward`` return fresh arrays, unless the caller passes
 ``out=``: a C-contiguous array of the result's shape and dtype that overlaps no input, written
-into and returned.
+into and returned. A norm built with ``workspace=True`` (``make(name, ..., workspace=True)``, or
+``norm.workspace = True``) owns two output arrays instead, one for ``forward`` and one for
+``backward``: each call returns its array, overwritten by the next call of the same method (a
+new shape, or an input that is the array itself, gets a new one). It saves the allocation and
+the page faults of a large fresh output (tens of MiB). ``forward_saved``/``backward_saved``
+always return fresh arrays.
 
 Options of the batch-statistics norms (batch, ghost, renorm; recurrent_batch has its own layout):
 
@@ -63,11 +68,15 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def make(name: str, *args, **kwargs) -> "Norm":
-    """Build the normalizer registered as ``name``: ``make("group", 64, num_groups=8)``."""
+def make(name: str, *args, workspace: bool = False, **kwargs) -> "Norm":
+    """Build the normalizer registered as ``name``: ``make("group", 64, num_groups=8)``.
+    ``workspace=True``: outputs in arrays the norm owns (see the module docstring)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown normalizer {name!r}; expected one of {available()}")
-    return _REGISTRY[name](*args, **kwargs)
+    workspace = _check_bool("workspace", workspace)
+    norm = _REGISTRY[name](*args, **kwargs)
+    norm.workspace = workspace
+    return norm
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +193,9 @@ class Norm:
     #: Settings read afresh by every call; setting any other public attribute (``axis``,
     #: ``virtual_batch_size``, ``num_groups``...) forgets the checked signatures and views.
     _per_call_settings = frozenset({"eps", "momentum", "running_average", "r_max", "d_max",
-                                    "last_r", "last_d"})
+                                    "last_r", "last_d", "workspace"})
+    #: Whether forward/backward write into arrays the norm owns (see the module docstring).
+    workspace = False
 
     def __init__(self, dtype=np.float32):
         self.dtype = _check_dtype(dtype)
@@ -194,6 +205,7 @@ class Norm:
         self._saved = None                     # what backward needs, from the last forward
         self._known: tuple = _UNCHECKED        # the params/grads/state arrays last checked
         self._plans: dict = {}                 # (x.shape, training) checked -> self._plan(x)
+        self._buffers: dict = {}               # "y", "dx": the workspace's output arrays
 
     def __setattr__(self, name, value):
         if name[0] != "_" and name not in self._per_call_settings:
@@ -204,7 +216,7 @@ class Norm:
     # copy.deepcopy and pickle copy a view as an array of its own, cut off from the array it
     # viewed: a copy checks its arrays again, which makes its own views (_refresh_views).
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_known": _UNCHECKED}
+        return {**self.__dict__, "_known": _UNCHECKED, "_buffers": {}}
 
     def _add_param(self, key: str, value: np.ndarray) -> None:
         self.params[key] = np.array(value, dtype=self.dtype)
@@ -214,7 +226,11 @@ class Norm:
     def forward(self, x: np.ndarray, training: bool, *, mask=None, out=None) -> np.ndarray:
         """Normalize ``x``; in training mode update ``state``. Returns an array of x's dtype
         (``out`` if given). ``mask``: see the module docstring."""
-        y, self._saved = self.forward_saved(x, training, mask=mask, out=out)
+        buffer = self._buffer("y", x, x) if out is None and self.workspace else None
+        y, self._saved = self.forward_saved(x, training, mask=mask,
+                                            out=out if buffer is None else buffer)
+        if buffer is not None:
+            self.__dict__.setdefault("_buffers", {})["y"] = buffer
         return y
 
     def forward_saved(self, x: np.ndarray, training: bool, *, mask=None, out=None):
@@ -245,10 +261,26 @@ class Norm:
         """Gradient of the last forward: fills ``grads`` and returns dL/dx (``out`` if given)."""
         if self._saved is None:
             raise RuntimeError(f"{type(self).__name__}.backward() called before forward()")
-        dx, grads = self.backward_saved(dy, self._saved, out=out)
+        x = self._saved[0]
+        buffer = self._buffer("dx", x, x, dy) if out is None and self.workspace else None
+        dx, grads = self.backward_saved(dy, self._saved, out=out if buffer is None else buffer)
         for key, value in grads.items():
             self.grads[key][...] = value
+        if buffer is not None:
+            self.__dict__.setdefault("_buffers", {})["dx"] = buffer
         return dx
+
+    def _buffer(self, key: str, like, *inputs):
+        """The workspace's output array ``key`` for a result shaped as ``like``: the one kept if
+        it has that shape and overlaps none of ``inputs``, else a new one (kept by the caller
+        once the call succeeded). None for a non-array (the call's checks then refuse it)."""
+        if not all(isinstance(a, np.ndarray) for a in (like, *inputs)):
+            return None
+        buffer = self.__dict__.get("_buffers", {}).get(key)
+        if buffer is None or buffer.shape != like.shape \
+                or any(np.may_share_memory(buffer, a) for a in inputs):
+            buffer = np.empty(like.shape, self.dtype)
+        return buffer
 
     def backward_saved(self, dy: np.ndarray, saved, *, out=None):
         """Gradients of the forward that returned ``saved`` (:meth:`forward_saved`):

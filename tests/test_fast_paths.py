@@ -237,6 +237,67 @@ def test_outputs_are_fresh_unless_out_is_given(name, shape, kwargs):
     np.testing.assert_array_equal(dout, dx2)
 
 
+WORKSPACE_CASES = NORM_CASES + [("frn", (3, 4, 5), {}), ("dyt", (3, 4, 5), {}),
+                                 ("recurrent_batch", (3, 2, 4), {"max_steps": 3})]
+
+
+@pytest.mark.parametrize("name,shape,kwargs", WORKSPACE_CASES)
+def test_workspace_reuses_its_arrays_and_computes_as_fresh_outputs(name, shape, kwargs):
+    """workspace=True: forward and backward each return the norm's own array, the same one call
+    after call, holding what a norm without workspace returns (same history, bit for bit)."""
+    features = shape[-1] if name == "recurrent_batch" else _features(name, shape)
+    norm = normkit.make(name, features, workspace=True, **kwargs)
+    fresh = normkit.make(name, features, **kwargs)
+    rng = np.random.default_rng(2)
+    ys, dxs = [], []
+    for step in range(3):
+        x = rng.standard_normal(shape).astype(F32)
+        dy = rng.standard_normal(shape).astype(F32)
+        y, dx = norm.forward(x, training=step < 2), norm.backward(dy)
+        np.testing.assert_array_equal(y, fresh.forward(x, training=step < 2))
+        np.testing.assert_array_equal(dx, fresh.backward(dy))
+        for key in norm.grads:
+            np.testing.assert_array_equal(norm.grads[key], fresh.grads[key])
+        ys.append(y)
+        dxs.append(dx)
+    assert ys[0] is ys[1] is ys[2] and dxs[0] is dxs[1] is dxs[2]
+    assert not np.shares_memory(ys[0], dxs[0])
+    assert norm.forward_saved(x, training=True)[0] is not ys[0]    # forward_saved: always fresh
+
+
+def test_workspace_takes_a_new_array_for_a_new_shape_an_overlapping_input_or_out():
+    norm = normkit.make("layer", 4, workspace=True)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 4)).astype(F32)
+    y = norm.forward(x, training=True)
+    expected = normkit.make("layer", 4).forward(y.copy(), training=True)
+    y2 = norm.forward(y, training=True)        # its own output as input: not overwritten
+    assert y2 is not y and not np.shares_memory(y2, y)
+    np.testing.assert_array_equal(y2, expected)
+    assert norm.forward(y, training=True) is y2    # the new array is the workspace now
+    y3 = norm.forward(rng.standard_normal((5, 4)).astype(F32), training=True)
+    assert y3.shape == (5, 4) and y3 is not y2
+    out = np.empty((5, 4), F32)
+    assert norm.forward(rng.standard_normal((5, 4)).astype(F32), training=True, out=out) is out
+    assert norm.forward(rng.standard_normal((5, 4)).astype(F32), training=True) is y3
+
+
+def test_workspace_refused_call_keeps_its_arrays_and_bad_flag_is_refused():
+    norm = normkit.make("batch", 4, workspace=True)
+    x = np.random.default_rng(4).standard_normal((6, 4)).astype(F32)
+    y = norm.forward(x, training=True)
+    kept = dict(norm._buffers)
+    with pytest.raises(TypeError, match="dtype float64"):
+        norm.forward(x.astype(np.float64), training=True)
+    with pytest.raises(ValueError, match="channels"):
+        norm.forward(np.ones((6, 5), F32), training=True)
+    assert norm._buffers == kept and norm.forward(x, training=True) is y
+    with pytest.raises(TypeError, match="workspace must be True or False"):
+        normkit.make("batch", 4, workspace="yes")
+    clone = pickle.loads(pickle.dumps(norm))   # a copy owns no arrays of the original
+    assert clone.workspace and not np.shares_memory(clone.forward(x, training=True), y)
+
+
 @pytest.mark.parametrize("bad,fragment", [
     (lambda x: np.empty(x.shape, np.float64), "out must be a writeable C-contiguous float32"),
     (lambda x: np.empty(x.shape[::-1], F32), "out must be a writeable C-contiguous float32"),
