@@ -866,18 +866,6 @@ def forward_serial(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean,
 
 
 @jit()
-def forward_parallel(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, count,
-                     mode):
-    """:func:`forward` with its work items on threads."""
-    if _is_columns(x4, B):
-        forward_columns_parallel(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean,
-                                 var, count, mode)
-    else:
-        forward_planes_parallel(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean,
-                                var, count, mode)
-
-
-@jit()
 def forward(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, count, mode):
     """Statistics of every group into mean, var (V, G) float64 and count (V,) (unless
     mode == APPLY_ONLY: then mean, var are given), and/or y4 = the normalized output.
@@ -885,12 +873,15 @@ def forward(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, c
     x4, y4 (N, G, K, L) C-contiguous, same dtype; gamma2, beta2 (G, K); mask2 (N, L) bool read
     only if ``masked``. Runs in parallel when x4 has PARALLEL_MIN_SIZE values or more.
     """
-    if x4.size >= PARALLEL_MIN_SIZE:
-        forward_parallel(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var,
-                         count, mode)
-    else:
+    if x4.size < PARALLEL_MIN_SIZE:
         forward_serial(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var,
                        count, mode)
+    elif _is_columns(x4, B):
+        forward_columns_parallel(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean,
+                                 var, count, mode)
+    else:
+        forward_planes_parallel(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean,
+                                var, count, mode)
 
 
 @jit()
@@ -978,29 +969,20 @@ def backward_serial(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen,
 
 
 @jit()
-def backward_parallel(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
-                      masked, dx4, dgamma2, dbeta2):
-    """:func:`backward` with its work items on threads."""
-    if _is_columns(x4, B):
-        backward_columns_parallel(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen,
-                                  mask2, masked, dx4, dgamma2, dbeta2)
-    else:
-        backward_planes_parallel(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen,
-                                 mask2, masked, dx4, dgamma2, dbeta2)
-
-
-@jit()
 def backward(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2, masked, dx4,
              dgamma2, dbeta2):
     """Gradient of :func:`forward`: dx into dx4, dgamma and dbeta (G, K) float64 into
     dgamma2, dbeta2 (overwritten). mean, var (V, G) and count (V,) as forward wrote them;
     ``frozen``: the statistics are constants (evaluation mode)."""
-    if x4.size >= PARALLEL_MIN_SIZE:
-        backward_parallel(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
-                          masked, dx4, dgamma2, dbeta2)
-    else:
+    if x4.size < PARALLEL_MIN_SIZE:
         backward_serial(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
                         masked, dx4, dgamma2, dbeta2)
+    elif _is_columns(x4, B):
+        backward_columns_parallel(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen,
+                                  mask2, masked, dx4, dgamma2, dbeta2)
+    else:
+        backward_planes_parallel(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen,
+                                 mask2, masked, dx4, dgamma2, dbeta2)
 
 
 def by_size(x, serial, parallel):
