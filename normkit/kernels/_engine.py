@@ -51,6 +51,14 @@ source and picked by the input's size; ``run_forward``/``run_backward`` pick one
 from Python and so compile only that one (a first batch norm on images never compiles the
 columns code). Jitted callers take ``forward``/``backward`` (all four) or
 ``forward_serial``/``backward_serial``.
+
+A planes work item runs its fast path (in x's dtype, unmasked, no overflow) and falls back to
+float64 loops where it cannot (a masked call, sums that overflow x's dtype, x - mean that
+could). The planes drivers also exist over the fast paths alone (``fast_forward_planes``,
+``fast_backward_planes``): an unmasked call from Python runs one, which returns True if any
+item needed the float64 loops, and only then the full driver, which computes every item again
+from scratch. So a first unmasked call compiles no float64 loops, and results are the same
+as the full driver's bit for bit.
 """
 from __future__ import annotations
 
@@ -92,6 +100,9 @@ STREAM_MIN_BYTES = 8 << 20
 _JIT_ENABLED = not numba.config.DISABLE_JIT
 _VECTOR_BYTES = 32
 _LINE_BYTES = 64
+
+# What a planes work item still needs after its fast path (in x's dtype, no mask, no overflow).
+_DONE, _NEEDS_STATS, _NEEDS_Y = 0, 1, 2
 
 # Driver phases: planes do everything in one; columns take three forward and two backward.
 _PLANES, _CHUNK_STATS, _MERGE, _ROWS_APPLY = 0, 1, 2, 3
@@ -300,99 +311,38 @@ def _zero_padding(row, m, K, L):
                 row[k * L + l] = 0
 
 
-@jit(reduction=True)
-def _plane_forward_item(s, x3, y3, B, K, L, gamma2, beta2, eps, centered, mask2, masked, mean,
-                        var, count, mode, stream):
-    """Group s = v * G + g: statistics into mean[v, g], var[v, g] (two passes, see the module
-    docstring) and/or y = (x - mean) * gamma * inv_std + beta (0 where masked); x3, y3 (N, G, K*L)."""
+@jit(reduction=True, inline=True)
+def _set_stats(mean, var, v, g, M, centered, shift, s1, s2):
+    """mean[v, g], var[v, g] from the sums about ``shift``: s1 = sum(x - shift), s2 =
+    sum((x - shift)^2) over M values (RMS: mean 0, var = s2 / M)."""
+    if M == 0:
+        mean[v, g], var[v, g] = 0.0, 0.0
+    elif centered:
+        mean_dev = s1 / M
+        mean[v, g], var[v, g] = shift + mean_dev, max(s2 / M - mean_dev * mean_dev, 0.0)
+    else:
+        mean[v, g], var[v, g] = 0.0, s2 / M
+
+
+@jit(reduction=True, inline=True)
+def _normalize_group(s, x3, y3, B, K, L, gamma2, beta2, eps, mask2, masked, mean, var, count,
+                     stream, exact):
+    """y of group s = v * G + g from its statistics: (x - mean_hi) * scale + shift in x's dtype
+    (mean_hi: the mean rounded to x's dtype, so x - mean_hi is exact near the mean; its rounding
+    error goes into shift in float64); 0 where masked. A group where x - mean could overflow
+    x's dtype is written in float64 if ``exact``, else left alone: returns False."""
     G = x3.shape[1]
     v, g = s // G, s % G
-    n0, n1 = v * B, (v + 1) * B
-    M = count[v]
-    if mode != APPLY_ONLY:
-        exact = masked or M == 0
-        if not exact:                          # blocks summed in x's dtype, then in float64
-            shift = 0.0
-            if centered:
-                total = 0.0
-                for n in range(n0, n1):
-                    row = x3[n, g]             # (K * L,)
-                    for b0 in range(0, row.size, _BLOCK):
-                        block = row[b0:b0 + _BLOCK]
-                        acc = _cast_like(row, 0.0)
-                        for j in range(block.size):
-                            acc += block[j]
-                        total += acc
-                shift = total / M
-            shift_hi = _cast_like(x3, shift)   # x - shift_hi is exact near the mean
-            s1 = 0.0
-            s2 = 0.0
-            for n in range(n0, n1):
-                row = x3[n, g]
-                for b0 in range(0, row.size, _BLOCK):
-                    block = row[b0:b0 + _BLOCK]
-                    a1 = _cast_like(row, 0.0)
-                    a2 = _cast_like(row, 0.0)
-                    for j in range(block.size):
-                        d = block[j] - shift_hi
-                        a1 += d
-                        a2 += d * d
-                    s1 += a1
-                    s2 += a2
-            exact = not np.isfinite(s1 + s2)   # overflow in x's dtype (or NaN in x)
-            shift = np.float64(shift_hi)
-        if exact:                              # float64 throughout; masked positions skipped
-            shift = 0.0                        # pass 1: the mean's first estimate
-            if centered and M > 0:
-                total = 0.0
-                for n in range(n0, n1):
-                    row = x3[n, g]             # (K * L,)
-                    if masked:
-                        m = mask2[n]           # (L,)
-                        for k in range(K):
-                            for l in range(L):
-                                if m[l]:
-                                    total += row[k * L + l]
-                    else:
-                        for j in range(row.size):
-                            total += row[j]
-                shift = total / M
-            s1 = 0.0                           # pass 2: sums of d = x - shift and d^2
-            s2 = 0.0
-            for n in range(n0, n1):
-                row = x3[n, g]
-                if masked:
-                    m = mask2[n]
-                    for k in range(K):
-                        for l in range(L):
-                            if m[l]:
-                                d = np.float64(row[k * L + l]) - shift
-                                s1 += d
-                                s2 += d * d
-                else:
-                    for j in range(row.size):
-                        d = np.float64(row[j]) - shift
-                        s1 += d
-                        s2 += d * d
-        if M == 0:
-            mean[v, g], var[v, g] = 0.0, 0.0
-        elif centered:
-            mean_dev = s1 / M
-            mean[v, g], var[v, g] = shift + mean_dev, max(s2 / M - mean_dev * mean_dev, 0.0)
-        else:
-            mean[v, g], var[v, g] = 0.0, s2 / M
-    if mode == STATS_ONLY:
-        return
-    # y = (x - mean_hi) * scale + shift in x's dtype: mean_hi is the mean rounded to x's dtype
-    # (x - mean_hi exact near the mean), its rounding error goes into shift in float64.
     mu = mean[v, g]
+    extreme = _extreme(x3, mu, var[v, g], count[v])
+    if extreme and not exact:
+        return False
     inv_std = 1.0 / np.sqrt(var[v, g] + eps)
     mean_hi = _cast_like(x3, mu)
     mean_lo = mu - np.float64(mean_hi)
     inv = _cast_like(x3, inv_std)
     lo = _cast_like(x3, -mean_lo * inv_std)
-    extreme = _extreme(x3, mu, var[v, g], M)
-    for n in range(n0, n1):
+    for n in range(v * B, (v + 1) * B):
         xs = x3[n, g]                          # (K * L,)
         ys = y3[n, g]
         if extreme:                            # x - mean could overflow x's dtype: float64
@@ -412,13 +362,252 @@ def _plane_forward_item(s, x3, y3, B, K, L, gamma2, beta2, eps, centered, mask2,
                 _affine_span(xk, yk, mean_hi, scale, shift, stream)
         if masked:
             _zero_padding(ys, mask2[n], K, L)
+    return True
+
+
+@jit(reduction=True)
+def _plane_forward_fast(s, x3, y3, B, K, L, gamma2, beta2, eps, centered, mask2, masked, mean,
+                        var, count, mode, stream):
+    """Group s = v * G + g of an unmasked call in x's dtype: statistics into mean[v, g],
+    var[v, g] (two passes over blocks summed in x's dtype, then in float64; see the module
+    docstring) and/or y. Returns _DONE, or what :func:`_plane_forward_item` must still do:
+    _NEEDS_STATS (the sums overflow x's dtype; nothing written) or _NEEDS_Y (x - mean could
+    overflow x's dtype; the statistics are written)."""
+    G = x3.shape[1]
+    v, g = s // G, s % G
+    n0, n1 = v * B, (v + 1) * B
+    M = count[v]
+    if mode != APPLY_ONLY:
+        if M == 0:
+            return _NEEDS_STATS
+        shift = 0.0
+        if centered:
+            total = 0.0
+            for n in range(n0, n1):
+                row = x3[n, g]                 # (K * L,)
+                for b0 in range(0, row.size, _BLOCK):
+                    block = row[b0:b0 + _BLOCK]
+                    acc = _cast_like(row, 0.0)
+                    for j in range(block.size):
+                        acc += block[j]
+                    total += acc
+            shift = total / M
+        shift_hi = _cast_like(x3, shift)       # x - shift_hi is exact near the mean
+        s1 = 0.0
+        s2 = 0.0
+        for n in range(n0, n1):
+            row = x3[n, g]
+            for b0 in range(0, row.size, _BLOCK):
+                block = row[b0:b0 + _BLOCK]
+                a1 = _cast_like(row, 0.0)
+                a2 = _cast_like(row, 0.0)
+                for j in range(block.size):
+                    d = block[j] - shift_hi
+                    a1 += d
+                    a2 += d * d
+                s1 += a1
+                s2 += a2
+        if not np.isfinite(s1 + s2):           # overflow in x's dtype (or NaN in x)
+            return _NEEDS_STATS
+        _set_stats(mean, var, v, g, M, centered, np.float64(shift_hi), s1, s2)
+    if mode == STATS_ONLY or _normalize_group(s, x3, y3, B, K, L, gamma2, beta2, eps, mask2,
+                                              False, mean, var, count, stream, False):
+        return _DONE
+    return _NEEDS_Y
+
+
+@jit(reduction=True)
+def _plane_forward_item(s, x3, y3, B, K, L, gamma2, beta2, eps, centered, mask2, masked, mean,
+                        var, count, mode, stream):
+    """Group s = v * G + g: :func:`_plane_forward_fast`, and where it cannot (a masked call,
+    sums that overflow x's dtype, x - mean that could) the statistics in float64 over the valid
+    positions and/or y in float64, 0 where masked; x3, y3 (N, G, K*L). Returns _DONE."""
+    todo = _NEEDS_STATS
+    if not masked:
+        todo = _plane_forward_fast(s, x3, y3, B, K, L, gamma2, beta2, eps, centered, mask2,
+                                   masked, mean, var, count, mode, stream)
+        if todo == _DONE:
+            return _DONE
+    G = x3.shape[1]
+    v, g = s // G, s % G
+    n0, n1 = v * B, (v + 1) * B
+    M = count[v]
+    if mode != APPLY_ONLY and todo == _NEEDS_STATS:    # float64; masked positions skipped
+        shift = 0.0                            # pass 1: the mean's first estimate
+        if centered and M > 0:
+            total = 0.0
+            for n in range(n0, n1):
+                row = x3[n, g]                 # (K * L,)
+                if masked:
+                    m = mask2[n]               # (L,)
+                    for k in range(K):
+                        for l in range(L):
+                            if m[l]:
+                                total += row[k * L + l]
+                else:
+                    for j in range(row.size):
+                        total += row[j]
+            shift = total / M
+        s1 = 0.0                               # pass 2: sums of d = x - shift and d^2
+        s2 = 0.0
+        for n in range(n0, n1):
+            row = x3[n, g]
+            if masked:
+                m = mask2[n]
+                for k in range(K):
+                    for l in range(L):
+                        if m[l]:
+                            d = np.float64(row[k * L + l]) - shift
+                            s1 += d
+                            s2 += d * d
+            else:
+                for j in range(row.size):
+                    d = np.float64(row[j]) - shift
+                    s1 += d
+                    s2 += d * d
+        _set_stats(mean, var, v, g, M, centered, shift, s1, s2)
+    if mode != STATS_ONLY:
+        _normalize_group(s, x3, y3, B, K, L, gamma2, beta2, eps, mask2, masked, mean, var, count,
+                         stream, True)
+    return _DONE
+
+
+@jit(reduction=True, inline=True)
+def _add_group(g, K, gamma2, inv_std, group_dy, group_dy_dev, sum_dy, sum_dy_dev):
+    """Add one group's per-channel sums (K,) of dy and dy (x - mean) into the chunk's dbeta and
+    dgamma sums; returns the group's totals of gamma * dy and gamma * dy * (x - mean)."""
+    total_dy = 0.0
+    total_dy_dev = 0.0
+    for k in range(K):
+        sum_dy[k] += group_dy[k]
+        sum_dy_dev[k] += group_dy_dev[k] * inv_std
+        total_dy += gamma2[g, k] * group_dy[k]
+        total_dy_dev += gamma2[g, k] * group_dy_dev[k]
+    return total_dy, total_dy_dev
+
+
+@jit(reduction=True, inline=True)
+def _dx_group(v, g, dy3, x3, dx3, B, K, L, gamma2, mu, inv_std, count, centered, frozen, mask2,
+              masked, total_dy, total_dy_dev, stream, extreme):
+    """dx of group (v, g) = dy * gamma * inv_std + (x - mean) c2 + c3 (see the module
+    docstring), in x's dtype about mean_hi, or in float64 if ``extreme``; 0 where masked."""
+    c2 = 0.0
+    c3 = 0.0
+    if not frozen and count[v] > 0:
+        c2 = -inv_std * inv_std * inv_std * total_dy_dev / count[v]
+        if centered:
+            c3 = -inv_std * total_dy / count[v]
+    mean_hi = _cast_like(x3, mu)
+    mean_lo = mu - np.float64(mean_hi)
+    x_coef = _cast_like(x3, c2)
+    const = _cast_like(x3, c3 - mean_lo * c2)
+    inv = _cast_like(x3, inv_std)
+    for n in range(v * B, (v + 1) * B):
+        xs = x3[n, g]
+        ds = dy3[n, g]
+        dxs = dx3[n, g]
+        if extreme:
+            for k in range(K):
+                c1 = gamma2[g, k] * inv_std
+                for l in range(L):
+                    i = k * L + l
+                    dxs[i] = np.float64(ds[i]) * c1 + (np.float64(xs[i]) - mu) * c2 + c3
+        elif L == 1:
+            _dx_row(ds, xs, dxs, gamma2[g], inv, mean_hi, x_coef, const)
+        else:
+            for k in range(K):
+                c1 = _cast_like(x3, gamma2[g, k] * inv_std)
+                xk = xs[k * L:(k + 1) * L]     # (L,)
+                dk = ds[k * L:(k + 1) * L]
+                dxk = dxs[k * L:(k + 1) * L]
+                _dx_span(dk, xk, dxk, c1, mean_hi, x_coef, const, stream)
+        if masked:
+            _zero_padding(dxs, mask2[n], K, L)
+
+
+@jit(reduction=True, inline=True)
+def _plane_backward_group_fast(v, g, dy3, x3, dx3, B, K, L, gamma2, mean, var, count, eps,
+                               centered, frozen, mask2, sum_dy, sum_dy_dev, group_dy,
+                               group_dy_dev, stream):
+    """Group (v, g) of an unmasked call in x's dtype: its sums added into sum_dy, sum_dy_dev
+    (K,) and dx. Returns False, having added nothing, when x - mean could overflow x's dtype
+    or the sums do (the group needs the float64 loops). group_dy, group_dy_dev (K,) scratch."""
+    mu = mean[v, g]
+    if _extreme(x3, mu, var[v, g], count[v]):
+        return False
+    inv_std = 1.0 / np.sqrt(var[v, g] + eps)
+    mean_hi = _cast_like(x3, mu)
+    mean_lo = mu - np.float64(mean_hi)
+    n0, n1 = v * B, (v + 1) * B
+    total_dy = 0.0                             # sum over the group of gamma * dy
+    total_dy_dev = 0.0                         # ... of gamma * dy * (x - mean)
+    if L == 1:                                 # one pass, float64: per-element sums, totals
+        gamma = gamma2[g]                      # (K,)
+        for n in range(n0, n1):
+            xs = x3[n, g]                      # (K,)
+            ds = dy3[n, g]
+            for k in range(K):
+                d = np.float64(ds[k])
+                dev = d * (np.float64(xs[k]) - mu)
+                sum_dy[k] += d
+                sum_dy_dev[k] += dev * inv_std
+                total_dy += gamma[k] * d
+                total_dy_dev += gamma[k] * dev
+    else:                                      # blocks in x's dtype: sum(dy), sum(dy (x - mean_hi))
+        for k in range(K):
+            group_dy[k] = 0.0
+            group_dy_dev[k] = 0.0
+        for n in range(n0, n1):
+            xs = x3[n, g]                      # (K * L,)
+            ds = dy3[n, g]
+            for k in range(K):
+                for b0 in range(k * L, (k + 1) * L, _BLOCK):
+                    b1 = min(b0 + _BLOCK, (k + 1) * L)
+                    xb = xs[b0:b1]
+                    db = ds[b0:b1]
+                    a = _cast_like(xs, 0.0)
+                    b = _cast_like(xs, 0.0)
+                    for i in range(xb.size):
+                        a += db[i]
+                        b += db[i] * (xb[i] - mean_hi)
+                    group_dy[k] += a
+                    group_dy_dev[k] += b
+        for k in range(K):                     # sum(dy (x - mean)) from the one about mean_hi
+            group_dy_dev[k] -= mean_lo * group_dy[k]
+            if not np.isfinite(group_dy_dev[k] + group_dy[k]):
+                return False                   # overflow in x's dtype (or NaN)
+        total_dy, total_dy_dev = _add_group(g, K, gamma2, inv_std, group_dy, group_dy_dev,
+                                            sum_dy, sum_dy_dev)
+    _dx_group(v, g, dy3, x3, dx3, B, K, L, gamma2, mu, inv_std, count, centered, frozen,
+              mask2, False, total_dy, total_dy_dev, stream, False)
+    return True
+
+
+@jit(reduction=True)
+def _plane_backward_fast(item, dy3, x3, dx3, B, K, L, gamma2, mean, var, count, eps, centered,
+                         frozen, mask2, masked, chunk_groups, part_dy, part_dy_dev, stream):
+    """:func:`_plane_backward_item` of an unmasked call in x's dtype; returns _NEEDS_STATS as
+    soon as one of its groups needs the float64 loops (its sums are then incomplete)."""
+    G = x3.shape[1]
+    j, g = item // G, item % G
+    V = x3.shape[0] // B
+    group_dy = np.empty(K)                     # (K,) one group's sums
+    group_dy_dev = np.empty(K)
+    for v in range(j * chunk_groups, min((j + 1) * chunk_groups, V)):
+        if not _plane_backward_group_fast(v, g, dy3, x3, dx3, B, K, L, gamma2, mean, var, count,
+                                          eps, centered, frozen, mask2, part_dy[j, g],
+                                          part_dy_dev[j, g], group_dy, group_dy_dev, stream):
+            return _NEEDS_STATS
+    return _DONE
 
 
 @jit(reduction=True)
 def _plane_backward_item(item, dy3, x3, dx3, B, K, L, gamma2, mean, var, count, eps, centered,
                          frozen, mask2, masked, chunk_groups, part_dy, part_dy_dev, stream):
     """Groups (v, g) for v in chunk j = item // G: dx (0 where masked), and the chunk's partial
-    dbeta and dgamma per channel into part_dy[j, g], part_dy_dev[j, g] (K,)."""
+    dbeta and dgamma per channel into part_dy[j, g], part_dy_dev[j, g] (K,): each group through
+    :func:`_plane_backward_group_fast` or, where it cannot, in float64 over the valid
+    positions. Returns _DONE."""
     G = x3.shape[1]
     j, g = item // G, item % G
     V = x3.shape[0] // B
@@ -427,107 +616,35 @@ def _plane_backward_item(item, dy3, x3, dx3, B, K, L, gamma2, mean, var, count, 
     group_dy = np.empty(K)                     # (K,) one group's sums
     group_dy_dev = np.empty(K)
     for v in range(j * chunk_groups, min((j + 1) * chunk_groups, V)):
-        n0, n1 = v * B, (v + 1) * B
-        mu = mean[v, g]
+        if not masked and _plane_backward_group_fast(v, g, dy3, x3, dx3, B, K, L, gamma2, mean,
+                                                     var, count, eps, centered, frozen, mask2,
+                                                     sum_dy, sum_dy_dev, group_dy,
+                                                     group_dy_dev, stream):
+            continue
+        mu = mean[v, g]                        # float64 throughout, valid positions only
         inv_std = 1.0 / np.sqrt(var[v, g] + eps)
-        mean_hi = _cast_like(x3, mu)
-        mean_lo = mu - np.float64(mean_hi)
-        extreme = masked or _extreme(x3, mu, var[v, g], count[v])
-        if extreme or L > 1:
-            for k in range(K):
-                group_dy[k] = 0.0
-                group_dy_dev[k] = 0.0
-        total_dy = 0.0                         # sum over the group of gamma * dy
-        total_dy_dev = 0.0                     # ... of gamma * dy * (x - mean)
-        if not extreme and L == 1:             # one pass, float64: per-element sums, totals
-            gamma = gamma2[g]                  # (K,)
-            for n in range(n0, n1):
-                xs = x3[n, g]                  # (K,)
-                ds = dy3[n, g]
-                for k in range(K):
-                    d = np.float64(ds[k])
-                    dev = d * (np.float64(xs[k]) - mu)
-                    sum_dy[k] += d
-                    sum_dy_dev[k] += dev * inv_std
-                    total_dy += gamma[k] * d
-                    total_dy_dev += gamma[k] * dev
-        elif not extreme:                      # blocks in x's dtype: sum(dy), sum(dy (x - mean_hi))
-            for n in range(n0, n1):
-                xs = x3[n, g]                  # (K * L,)
-                ds = dy3[n, g]
-                for k in range(K):
-                    for b0 in range(k * L, (k + 1) * L, _BLOCK):
-                        b1 = min(b0 + _BLOCK, (k + 1) * L)
-                        xb = xs[b0:b1]
-                        db = ds[b0:b1]
-                        a = _cast_like(xs, 0.0)
-                        b = _cast_like(xs, 0.0)
-                        for i in range(xb.size):
-                            a += db[i]
-                            b += db[i] * (xb[i] - mean_hi)
-                        group_dy[k] += a
-                        group_dy_dev[k] += b
-            for k in range(K):                 # sum(dy (x - mean)) from the one about mean_hi
-                if L > 1:
-                    group_dy_dev[k] -= mean_lo * group_dy[k]
-                if not np.isfinite(group_dy_dev[k] + group_dy[k]):
-                    extreme = True             # overflow in x's dtype (or NaN): float64 again
-            if extreme:
-                for k in range(K):
-                    group_dy[k] = 0.0
-                    group_dy_dev[k] = 0.0
-        if extreme:                            # float64 throughout, valid positions only
-            for n in range(n0, n1):
-                xs = x3[n, g]
-                ds = dy3[n, g]
-                for k in range(K):
-                    a = 0.0
-                    b = 0.0
-                    for l in range(L):
-                        if masked and not mask2[n, l]:
-                            continue           # padding may hold anything, even NaN
-                        d = np.float64(ds[k * L + l])
-                        a += d
-                        b += d * (np.float64(xs[k * L + l]) - mu)
-                    group_dy[k] += a
-                    group_dy_dev[k] += b
-        if extreme or L > 1:
-            for k in range(K):
-                sum_dy[k] += group_dy[k]
-                sum_dy_dev[k] += group_dy_dev[k] * inv_std
-                total_dy += gamma2[g, k] * group_dy[k]
-                total_dy_dev += gamma2[g, k] * group_dy_dev[k]
-        c2 = 0.0
-        c3 = 0.0
-        if not frozen and count[v] > 0:
-            c2 = -inv_std * inv_std * inv_std * total_dy_dev / count[v]
-            if centered:
-                c3 = -inv_std * total_dy / count[v]
-        # dx = dy * gamma * inv_std + (x - mean) c2 + c3, in x's dtype about mean_hi
-        x_coef = _cast_like(x3, c2)
-        const = _cast_like(x3, c3 - mean_lo * c2)
-        inv = _cast_like(x3, inv_std)
-        for n in range(n0, n1):
+        for k in range(K):
+            group_dy[k] = 0.0
+            group_dy_dev[k] = 0.0
+        for n in range(v * B, (v + 1) * B):
             xs = x3[n, g]
             ds = dy3[n, g]
-            dxs = dx3[n, g]
-            if extreme:
-                for k in range(K):
-                    c1 = gamma2[g, k] * inv_std
-                    for l in range(L):
-                        i = k * L + l
-                        dxs[i] = np.float64(ds[i]) * c1 + (np.float64(xs[i]) - mu) * c2 + c3
-            elif L == 1:
-                _dx_row(ds, xs, dxs, gamma2[g], inv, mean_hi, x_coef, const)
-            else:
-                for k in range(K):
-                    c1 = _cast_like(x3, gamma2[g, k] * inv_std)
-                    xk = xs[k * L:(k + 1) * L]     # (L,)
-                    dk = ds[k * L:(k + 1) * L]
-                    dxk = dxs[k * L:(k + 1) * L]
-                    _dx_span(dk, xk, dxk, c1, mean_hi, x_coef, const, stream)
-            if masked:
-                _zero_padding(dxs, mask2[n], K, L)
+            for k in range(K):
+                a = 0.0
+                b = 0.0
+                for l in range(L):
+                    if masked and not mask2[n, l]:
+                        continue               # padding may hold anything, even NaN
+                    d = np.float64(ds[k * L + l])
+                    a += d
+                    b += d * (np.float64(xs[k * L + l]) - mu)
+                group_dy[k] += a
+                group_dy_dev[k] += b
+        total_dy, total_dy_dev = _add_group(g, K, gamma2, inv_std, group_dy, group_dy_dev,
+                                            sum_dy, sum_dy_dev)
+        _dx_group(v, g, dy3, x3, dx3, B, K, L, gamma2, mu, inv_std, count, centered, frozen,
+                  mask2, masked, total_dy, total_dy_dev, stream, True)
+    return _DONE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -791,6 +908,15 @@ def _check_forward(x4, B, gamma2, beta2, mask2, masked, y4, mean, var, count):
 
 
 @jit()
+def _any(flags):
+    """Whether any of the bool array ``flags`` is set."""
+    for i in range(flags.size):
+        if flags[i]:
+            return True
+    return False
+
+
+@jit()
 def _is_columns(x4, B):
     """The columns driver's layout: one value per (row, group) and groups over B > 1 rows."""
     return x4.shape[2] * x4.shape[3] == 1 and B > 1
@@ -805,9 +931,12 @@ def _forward_planes_loop(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4,
     V = N // B
     x3 = x4.reshape((N, G, K * L))
     y3 = y4.reshape((N, G, K * L))
+    todo = np.zeros(V * G, np.bool_)           # (V * G,) items left to the float64 loops
     for item in prange(V * G):
-        _plane_forward_item(np.int64(item), x3, y3, B, K, L, gamma2, beta2, eps, centered,
-                            mask2, masked, mean, var, count, mode, stream)
+        todo[item] = _plane_forward_item(np.int64(item), x3, y3, B, K, L, gamma2, beta2, eps,
+                                         centered, mask2, masked, mean, var, count, mode,
+                                         stream) != _DONE
+    return _any(todo)
 
 
 def _forward_columns_loop(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var,
@@ -850,6 +979,11 @@ def _forward_columns_loop(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4
 
 
 forward_planes_serial, forward_planes_parallel = serial_and_parallel(_forward_planes_loop)
+# The same driver over the fast items only: a call with no mask runs it first and the one above
+# only when it returns True (values near the dtype's maximum), so a first call compiles no
+# float64 loops.
+fast_forward_planes = serial_and_parallel(_forward_planes_loop, "fast",
+                                          _plane_forward_item=_plane_forward_fast)
 forward_columns_serial, forward_columns_parallel = serial_and_parallel(_forward_columns_loop)
 
 
@@ -913,10 +1047,12 @@ def _backward_planes_loop(dy4, x4, B, gamma2, mean, var, count, eps, centered, f
     chunks = min(V, _MAX_CHUNKS)
     part_dy = np.zeros((chunks, G, K))         # (chunks, G, K) partial sums per chunk
     part_dy_dev = np.zeros((chunks, G, K))
+    todo = np.zeros(chunks * G, np.bool_)      # (chunks * G,) items left to the float64 loops
     for item in prange(chunks * G):
-        _plane_backward_item(np.int64(item), dy3, x3, dx3, B, K, L, gamma2, mean, var, count,
-                             eps, centered, frozen, mask2, masked, (V + chunks - 1) // chunks,
-                             part_dy, part_dy_dev, stream)
+        todo[item] = _plane_backward_item(np.int64(item), dy3, x3, dx3, B, K, L, gamma2, mean,
+                                          var, count, eps, centered, frozen, mask2, masked,
+                                          (V + chunks - 1) // chunks, part_dy, part_dy_dev,
+                                          stream) != _DONE
     for g in range(G):
         for k in range(K):
             dbeta2[g, k] = 0.0
@@ -926,6 +1062,7 @@ def _backward_planes_loop(dy4, x4, B, gamma2, mean, var, count, eps, centered, f
             for k in range(K):
                 dbeta2[g, k] += part_dy[j, g, k]
                 dgamma2[g, k] += part_dy_dev[j, g, k]
+    return _any(todo)
 
 
 def _backward_columns_loop(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
@@ -953,6 +1090,8 @@ def _backward_columns_loop(dy4, x4, B, gamma2, mean, var, count, eps, centered, 
 
 
 backward_planes_serial, backward_planes_parallel = serial_and_parallel(_backward_planes_loop)
+fast_backward_planes = serial_and_parallel(_backward_planes_loop, "fast",
+                                           _plane_backward_item=_plane_backward_fast)
 backward_columns_serial, backward_columns_parallel = serial_and_parallel(_backward_columns_loop)
 
 
@@ -991,22 +1130,30 @@ def by_size(x, serial, parallel):
     return parallel if x.size >= PARALLEL_MIN_SIZE else serial
 
 
-def _driver(x4, B, planes, columns):
-    """The one compiled driver of four a Python call takes: its layout's, serial or parallel by
-    size (so a first call compiles only the work items its layout runs)."""
-    return by_size(x4, *(columns if x4.shape[2] * x4.shape[3] == 1 and B > 1 else planes))
+def _run(x4, B, masked, planes, fast_planes, columns, args):
+    """Call the one driver of a layout a Python call takes, serial or parallel by size (so a
+    first call compiles only the work items its layout runs). Planes: an unmasked call runs the
+    fast driver first, and the full one only if the fast one left items to the float64 loops
+    (the full one then computes every item again, from scratch)."""
+    if x4.shape[2] * x4.shape[3] == 1 and B > 1:
+        by_size(x4, *columns)(*args)
+    elif masked or by_size(x4, *fast_planes)(*args):
+        by_size(x4, *planes)(*args)
 
 
-def run_forward(x4, B, *args):
-    """:func:`forward` from Python, compiling only the driver this layout and size take."""
-    _driver(x4, B, (forward_planes_serial, forward_planes_parallel),
-            (forward_columns_serial, forward_columns_parallel))(x4, B, *args)
+def run_forward(x4, B, gamma2, beta2, eps, centered, mask2, masked, *rest):
+    """:func:`forward` from Python, compiling only the drivers this layout and size take."""
+    _run(x4, B, masked, (forward_planes_serial, forward_planes_parallel), fast_forward_planes,
+         (forward_columns_serial, forward_columns_parallel),
+         (x4, B, gamma2, beta2, eps, centered, mask2, masked, *rest))
 
 
-def run_backward(dy4, x4, B, *args):
-    """:func:`backward` from Python, compiling only the driver this layout and size take."""
-    _driver(x4, B, (backward_planes_serial, backward_planes_parallel),
-            (backward_columns_serial, backward_columns_parallel))(dy4, x4, B, *args)
+def run_backward(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2, masked,
+                 *rest):
+    """:func:`backward` from Python, compiling only the drivers this layout and size take."""
+    _run(x4, B, masked, (backward_planes_serial, backward_planes_parallel), fast_backward_planes,
+         (backward_columns_serial, backward_columns_parallel),
+         (dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2, masked, *rest))
 
 
 @jit()

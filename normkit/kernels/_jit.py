@@ -101,19 +101,23 @@ def jit(*, parallel: bool = False, reduction: bool = False, inline: bool = False
     return decorate
 
 
-def serial_and_parallel(loop):
+def serial_and_parallel(loop, variant: str = "", **replace):
     """Two compiled twins of one driver whose outer loops are ``prange``: (serial, parallel).
 
     The serial twin runs on the calling thread (``prange`` acts as ``range``) and compiles
     without the parallel passes; callers pick it for small inputs, where waking the thread pool
     costs more than the work, and Python callers compile only the twin they use. Each twin is
     compiled from its own copy of the function under its own name, so their caches stay apart.
+    ``variant`` names a copy that sees the globals in ``replace`` (name=function) instead of
+    the module's (the same driver over other work items); the module's globals are read now.
     """
     twins = []
+    names = loop.__globals__ if not replace else {**loop.__globals__, **replace}
+    prefix = f"{loop.__name__}_{variant}" if variant else loop.__name__
     for suffix, parallel in (("serial", False), ("parallel", True)):
-        clone = types.FunctionType(loop.__code__, loop.__globals__, f"{loop.__name__}_{suffix}",
+        clone = types.FunctionType(loop.__code__, names, f"{prefix}_{suffix}",
                                    loop.__defaults__, loop.__closure__)
-        clone.__qualname__ = f"{loop.__qualname__}_{suffix}"
+        clone.__qualname__ = f"{prefix}_{suffix}"
         clone.__module__ = loop.__module__
         clone.__doc__ = loop.__doc__
         twins.append(jit(parallel=parallel)(clone))
