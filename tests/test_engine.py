@@ -250,21 +250,27 @@ def test_values_near_the_float32_maximum_stay_finite(name, shape, axis):
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
 @pytest.mark.parametrize("case", ["ordinary", "one group overflows", "one group extreme"])
-def test_fast_planes_drivers_leave_to_the_full_ones_exactly_what_needs_float64(case, dtype):
-    """An unmasked planes call runs the fast driver (x's dtype only), then the full one if the
-    fast one says an item needs the float64 loops: the results equal the full driver's bit for
-    bit, and the fast one asks for it exactly when a group's sums overflow x's dtype or
-    x - mean could."""
+@pytest.mark.parametrize("layout", ["planes", "columns"])
+def test_fast_drivers_leave_to_the_full_ones_exactly_what_needs_float64(layout, case, dtype):
+    """An unmasked call runs its layout's fast driver (sums in x's dtype only), then the full
+    one if the fast one says an item needs the float64 loops: the results equal the full
+    driver's bit for bit, and the fast forward asks for it exactly when a group's sums overflow
+    x's dtype (planes: or x - mean could; columns write such groups as x * scale + shift)."""
     rng = _rng(11)
-    N, G, K, L = 6, 4, 2, 700                  # L > 512: several blocks per channel row
+    # planes: several blocks of 512 per channel row; columns: several chunks of 64 rows
+    N, G, K, L = (6, 4, 2, 700) if layout == "planes" else (300, 4, 1, 1)
     x = (rng.standard_normal((N, G, K, L)) * 2 + 1).astype(dtype)
     big = np.finfo(dtype).max
-    if case == "one group overflows":          # a sum over x's dtype overflows; x - mean not
+    if case == "one group overflows":          # a sum in x's dtype overflows; x - mean not
         x[:, 1] = (rng.uniform(0.5, 1.0, (N, K, L)) * big / 2).astype(dtype)
     elif case == "one group extreme":          # x - mean itself could overflow x's dtype
         x[:, 2] = (rng.uniform(-1, 1, (N, K, L)) * big * 0.9).astype(dtype)
     dy = rng.standard_normal(x.shape).astype(dtype)
     gamma2, beta2 = rng.uniform(0.5, 1.5, (G, K)), rng.standard_normal((G, K))
+    full = {"planes": (_engine.forward_planes_serial, _engine.backward_planes_serial),
+            "columns": (_engine.forward_columns_serial, _engine.backward_columns_serial)}[layout]
+    fast = {"planes": (_engine.fast_forward_planes[0], _engine.fast_backward_planes[0]),
+            "columns": (_engine.fast_forward_columns[0], _engine.fast_backward_columns[0])}[layout]
     results = {}
     for how in ("run", "full", "fast"):
         y, mean, var, count = np.empty_like(x), np.empty((1, G)), np.empty((1, G)), np.empty(1)
@@ -278,18 +284,19 @@ def test_fast_planes_drivers_leave_to_the_full_ones_exactly_what_needs_float64(c
                 _engine.run_forward(*fwd)
                 _engine.run_backward(*bwd)
             elif how == "full":
-                _engine.forward_planes_serial(*fwd)
-                _engine.backward_planes_serial(*bwd)
+                full[0](*fwd)
+                full[1](*bwd)
             else:                              # backward with the full driver's statistics
                 full_mean, full_var = results["full"][1:3]
                 bwd = bwd[:4] + (full_mean, full_var) + bwd[6:]
-                results["asked"] = (bool(_engine.fast_forward_planes[0](*fwd)),
-                                    bool(_engine.fast_backward_planes[0](*bwd)))
+                results["asked"] = (bool(fast[0](*fwd)), bool(fast[1](*bwd)))
                 continue
         results[how] = (y, mean, var, dx, dgamma, dbeta)
-    for run, full in zip(results["run"], results["full"]):
-        np.testing.assert_array_equal(run, full)
-    assert results["asked"] == (case != "ordinary", case != "ordinary")
+    for run, expected in zip(results["run"], results["full"]):
+        np.testing.assert_array_equal(run, expected)
+    assert results["asked"][0] == (case != "ordinary")
+    if case == "ordinary" or layout == "planes":
+        assert results["asked"][1] == (case != "ordinary")
     if dtype == F32:                           # float64 sums hold float32's extremes
         assert np.isfinite(results["run"][0]).all() and np.isfinite(results["run"][3]).all()
 

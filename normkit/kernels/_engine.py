@@ -52,13 +52,13 @@ from Python and so compile only that one (a first batch norm on images never com
 columns code). Jitted callers take ``forward``/``backward`` (all four) or
 ``forward_serial``/``backward_serial``.
 
-A planes work item runs its fast path (in x's dtype, unmasked, no overflow) and falls back to
-float64 loops where it cannot (a masked call, sums that overflow x's dtype, x - mean that
-could). The planes drivers also exist over the fast paths alone (``fast_forward_planes``,
-``fast_backward_planes``): an unmasked call from Python runs one, which returns True if any
-item needed the float64 loops, and only then the full driver, which computes every item again
-from scratch. So a first unmasked call compiles no float64 loops, and results are the same
-as the full driver's bit for bit.
+A work item runs its fast path (in x's dtype, unmasked, no overflow) and falls back to float64
+loops where it cannot (a masked call, sums that overflow x's dtype; planes: x - mean that
+could). Every driver also exists over the fast paths alone (``fast_forward_planes``,
+``fast_backward_columns``...): an unmasked call from Python runs one, which returns True if
+any item needed the float64 loops, and only then the full driver, which computes every item
+again from scratch. So a first unmasked call compiles no float64 loops, and results are the
+same as the full driver's bit for bit.
 """
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ _JIT_ENABLED = not numba.config.DISABLE_JIT
 _VECTOR_BYTES = 32
 _LINE_BYTES = 64
 
-# What a planes work item still needs after its fast path (in x's dtype, no mask, no overflow).
+# What a work item still needs after its fast path (in x's dtype, no mask, no overflow).
 _DONE, _NEEDS_STATS, _NEEDS_Y = 0, 1, 2
 
 # Driver phases: planes do everything in one; columns take three forward and two backward.
@@ -651,39 +651,49 @@ def _plane_backward_item(item, dy3, x3, dx3, B, K, L, gamma2, mean, var, count, 
 # Columns: chunks of whole rows, every channel at once; x2 (N, C), C = G, K = L = 1
 # ---------------------------------------------------------------------------------------------
 
-@jit(reduction=True)
-def _rows_item(phase, s, x2, y2, B, R, J, mask2, masked, centered, chunk_count, chunk_mean,
-               chunk_m2, coef):
-    """Chunk j of row-group v (s = v * J + j), rows r0:r1.
+@jit(reduction=True, inline=True)
+def _rows_apply(s, x2, y2, B, R, J, mask2, masked, coef):
+    """_ROWS_APPLY of chunk j of row-group v (s = v * J + j): y = (x - mean_hi) * scale + shift
+    with coef[:, v] = (mean_hi, scale, shift) (C,) in x's dtype (0 in a masked row)."""
+    C = x2.shape[1]
+    v, j = s // J, s % J
+    r0 = v * B + j * R
+    mean_hi, scale, shift = coef[0, v], coef[1, v], coef[2, v]     # (C,)
+    for n in range(r0, min(r0 + R, (v + 1) * B)):
+        xr = x2[n]                             # (C,)
+        yr = y2[n]
+        if masked and not mask2[n, 0]:
+            for c in range(C):
+                yr[c] = 0
+            continue
+        _affine_channels(xr, yr, mean_hi, scale, shift)
 
-    _CHUNK_STATS: each channel's valid row count, mean and M2 = sum((x - mean)^2) (sum(x^2) if
-    not centered) into chunk_count[v, j], chunk_mean[v, j], chunk_m2[v, j], in two passes:
-    blocks of _ROW_BLOCK rows summed in x's dtype, then in float64 (float64 throughout for a
-    masked call or a chunk whose block sums overflow).
-    _ROWS_APPLY: y = (x - mean_hi) * scale + shift with coef[:, v] = (mean_hi, scale, shift)
-    (C,) in x's dtype (0 in a masked row).
-    """
+
+@jit(reduction=True, inline=True)
+def _finish_chunk(centered, rows, mean, m2, s1):
+    """A chunk's mean = shift + mean(d) and M2 = sum(d^2) - sum(d)^2 / rows from the sums
+    about the shift in ``mean`` (C,)."""
+    if centered:
+        for c in range(mean.size):
+            mean_dev = s1[c] / rows
+            mean[c] += mean_dev
+            m2[c] = max(m2[c] - s1[c] * mean_dev, 0.0)
+
+
+@jit(reduction=True)
+def _rows_fast(phase, s, x2, y2, B, R, J, mask2, masked, centered, chunk_count, chunk_mean,
+               chunk_m2, coef):
+    """:func:`_rows_item` of an unmasked call: _CHUNK_STATS in blocks of _ROW_BLOCK rows summed
+    in x's dtype, then in float64. Returns _NEEDS_STATS (the chunk's statistics unfinished)
+    when the block sums overflow x's dtype, else _DONE."""
+    if phase == _ROWS_APPLY:
+        _rows_apply(s, x2, y2, B, R, J, mask2, False, coef)
+        return _DONE
     C = x2.shape[1]
     v, j = s // J, s % J
     r0 = v * B + j * R
     r1 = min(r0 + R, (v + 1) * B)
-    if phase == _ROWS_APPLY:
-        mean_hi, scale, shift = coef[0, v], coef[1, v], coef[2, v]     # (C,)
-        for n in range(r0, r1):
-            xr = x2[n]                         # (C,)
-            yr = y2[n]
-            if masked and not mask2[n, 0]:
-                for c in range(C):
-                    yr[c] = 0
-                continue
-            _affine_channels(xr, yr, mean_hi, scale, shift)
-        return
     rows = r1 - r0
-    if masked:
-        rows = 0
-        for n in range(r0, r1):
-            if mask2[n, 0]:
-                rows += 1
     chunk_count[v, j] = rows
     mean = chunk_mean[v, j]                    # (C,) the chunk's mean
     m2 = chunk_m2[v, j]
@@ -691,69 +701,98 @@ def _rows_item(phase, s, x2, y2, B, R, J, mask2, masked, centered, chunk_count, 
         mean[c] = 0.0
         m2[c] = 0.0
     if rows == 0:
-        return
+        return _DONE
     s1 = np.zeros(C)
-    exact = masked
-    if not masked:                             # blocks of rows in x's dtype
-        b1 = np.empty(C, x2.dtype)             # (C,) block sums
-        b2 = np.empty(C, x2.dtype)
-        shift_hi = np.zeros(C, x2.dtype)       # (C,) the first mean, rounded to x's dtype
-        if centered:
-            for n0 in range(r0, r1, _ROW_BLOCK):
-                b1[:] = 0
-                for n in range(n0, min(n0 + _ROW_BLOCK, r1)):
-                    xr = x2[n]
-                    for c in range(C):
-                        b1[c] += xr[c]
-                for c in range(C):
-                    mean[c] += b1[c]
-            for c in range(C):
-                shift_hi[c] = mean[c] / rows
+    b1 = np.empty(C, x2.dtype)                 # (C,) block sums
+    b2 = np.empty(C, x2.dtype)
+    shift_hi = np.zeros(C, x2.dtype)           # (C,) the first mean, rounded to x's dtype
+    if centered:
         for n0 in range(r0, r1, _ROW_BLOCK):
             b1[:] = 0
-            b2[:] = 0
             for n in range(n0, min(n0 + _ROW_BLOCK, r1)):
                 xr = x2[n]
                 for c in range(C):
-                    d = xr[c] - shift_hi[c]
-                    b1[c] += d
-                    b2[c] += d * d
+                    b1[c] += xr[c]
             for c in range(C):
-                s1[c] += b1[c]
-                m2[c] += b2[c]
-        total = 0.0
+                mean[c] += b1[c]
         for c in range(C):
-            mean[c] = shift_hi[c]
-            total += s1[c] + m2[c]
-        exact = not np.isfinite(total)         # overflow in x's dtype (or NaN in x)
-        if exact:
+            shift_hi[c] = mean[c] / rows
+    for n0 in range(r0, r1, _ROW_BLOCK):
+        b1[:] = 0
+        b2[:] = 0
+        for n in range(n0, min(n0 + _ROW_BLOCK, r1)):
+            xr = x2[n]
             for c in range(C):
-                s1[c] = 0.0
-                m2[c] = 0.0
-                mean[c] = 0.0
-    if exact:                                  # float64 throughout, valid rows only
-        if centered:
-            for n in range(r0, r1):
-                if masked and not mask2[n, 0]:
-                    continue
-                xr = x2[n]
-                for c in range(C):
-                    mean[c] += xr[c]
-            for c in range(C):
-                mean[c] /= rows                # the shift: a first estimate of the mean
+                d = xr[c] - shift_hi[c]
+                b1[c] += d
+                b2[c] += d * d
+        for c in range(C):
+            s1[c] += b1[c]
+            m2[c] += b2[c]
+    total = 0.0
+    for c in range(C):
+        mean[c] = shift_hi[c]
+        total += s1[c] + m2[c]
+    if not np.isfinite(total):                 # overflow in x's dtype (or NaN in x)
+        return _NEEDS_STATS
+    _finish_chunk(centered, rows, mean, m2, s1)
+    return _DONE
+
+
+@jit(reduction=True)
+def _rows_item(phase, s, x2, y2, B, R, J, mask2, masked, centered, chunk_count, chunk_mean,
+               chunk_m2, coef):
+    """Chunk j of row-group v (s = v * J + j), rows r0:r1.
+
+    _CHUNK_STATS: each channel's valid row count, mean and M2 = sum((x - mean)^2) (sum(x^2) if
+    not centered) into chunk_count[v, j], chunk_mean[v, j], chunk_m2[v, j], in two passes:
+    :func:`_rows_fast`, or float64 throughout for a masked call or a chunk whose block sums
+    overflow. _ROWS_APPLY: see :func:`_rows_apply`. Returns _DONE.
+    """
+    if phase == _ROWS_APPLY:
+        _rows_apply(s, x2, y2, B, R, J, mask2, masked, coef)
+        return _DONE
+    if not masked and _rows_fast(phase, s, x2, y2, B, R, J, mask2, masked, centered,
+                                 chunk_count, chunk_mean, chunk_m2, coef) == _DONE:
+        return _DONE
+    C = x2.shape[1]                            # float64 throughout, valid rows only
+    v, j = s // J, s % J
+    r0 = v * B + j * R
+    r1 = min(r0 + R, (v + 1) * B)
+    rows = r1 - r0
+    if masked:
+        rows = 0
+        for n in range(r0, r1):
+            if mask2[n, 0]:
+                rows += 1
+    chunk_count[v, j] = rows
+    mean = chunk_mean[v, j]                    # (C,) the shift, then the chunk's mean
+    m2 = chunk_m2[v, j]
+    for c in range(C):
+        mean[c] = 0.0
+        m2[c] = 0.0
+    if rows == 0:
+        return _DONE
+    s1 = np.zeros(C)
+    if centered:
         for n in range(r0, r1):
             if masked and not mask2[n, 0]:
                 continue
             xr = x2[n]
             for c in range(C):
-                d = np.float64(xr[c]) - mean[c]
-                s1[c] += d
-                m2[c] += d * d
-    if centered:                               # mean = shift + mean(d), M2 = sum(d^2) - sum(d)^2/n
+                mean[c] += xr[c]
         for c in range(C):
-            mean_dev = s1[c] / rows
-            mean[c] += mean_dev
-            m2[c] = max(m2[c] - s1[c] * mean_dev, 0.0)
+            mean[c] /= rows                    # the shift: a first estimate of the mean
+    for n in range(r0, r1):
+        if masked and not mask2[n, 0]:
+            continue
+        xr = x2[n]
+        for c in range(C):
+            d = np.float64(xr[c]) - mean[c]
+            s1[c] += d
+            m2[c] += d * d
+    _finish_chunk(centered, rows, mean, m2, s1)
+    return _DONE
 
 
 @jit()
@@ -818,76 +857,103 @@ def _rows_coefficients(gamma2, mean, var, count, eps, centered, frozen, chunk_dy
             coefficients[3, v, c] = c3 - (mean[v, c] - np.float64(mean_hi)) * c2
 
 
+@jit(reduction=True, inline=True)
+def _rows_dx(s, dy2, x2, dx2, B, R, J, mask2, masked, coefficients):
+    """_ROWS_DX of chunk j of row-group v (s = v * J + j): dx = dy * c1 + (x - mean_hi) * c2 +
+    c3 with coefficients[:, v] = (c1, mean_hi, c2, c3) (C,) (0 in a masked row)."""
+    C = x2.shape[1]
+    v, j = s // J, s % J
+    r0 = v * B + j * R
+    c1, mean_hi, c2, c3 = (coefficients[0, v], coefficients[1, v], coefficients[2, v],
+                           coefficients[3, v])
+    for n in range(r0, min(r0 + R, (v + 1) * B)):
+        xr = x2[n]                             # (C,)
+        dr = dy2[n]
+        dxr = dx2[n]
+        if masked and not mask2[n, 0]:
+            for c in range(C):
+                dxr[c] = 0
+            continue
+        _dx_channels(dr, xr, dxr, c1, mean_hi, c2, c3)
+
+
+@jit(reduction=True)
+def _rows_backward_fast(phase, s, dy2, x2, dx2, B, R, J, mask2, masked, mean, chunk_dy,
+                        chunk_dy_dev, coefficients):
+    """:func:`_rows_backward_item` of an unmasked call: _ROWS_SUMS in blocks of rows in x's
+    dtype about mean_hi. Returns _NEEDS_STATS (the sums unfinished) when they overflow x's
+    dtype, else _DONE."""
+    if phase == _ROWS_DX:
+        _rows_dx(s, dy2, x2, dx2, B, R, J, mask2, False, coefficients)
+        return _DONE
+    C = x2.shape[1]
+    v, j = s // J, s % J
+    r0 = v * B + j * R
+    r1 = min(r0 + R, (v + 1) * B)
+    mu = mean[v]                               # (C,)
+    s_dy = chunk_dy[v, j]                      # (C,)
+    s_dy_dev = chunk_dy_dev[v, j]
+    for c in range(C):
+        s_dy[c] = 0.0
+        s_dy_dev[c] = 0.0
+    mean_hi = np.empty(C, x2.dtype)            # (C,)
+    b1 = np.empty(C, x2.dtype)                 # (C,) block sums
+    b2 = np.empty(C, x2.dtype)
+    for c in range(C):
+        mean_hi[c] = mu[c]
+    for n0 in range(r0, r1, _ROW_BLOCK):
+        b1[:] = 0
+        b2[:] = 0
+        for n in range(n0, min(n0 + _ROW_BLOCK, r1)):
+            xr = x2[n]
+            dr = dy2[n]
+            for c in range(C):
+                b1[c] += dr[c]
+                b2[c] += dr[c] * (xr[c] - mean_hi[c])
+        for c in range(C):
+            s_dy[c] += b1[c]
+            s_dy_dev[c] += b2[c]
+    total = 0.0
+    for c in range(C):                         # about the mean, not mean_hi
+        s_dy_dev[c] -= (mu[c] - np.float64(mean_hi[c])) * s_dy[c]
+        total += s_dy[c] + s_dy_dev[c]
+    return _DONE if np.isfinite(total) else _NEEDS_STATS
+
+
 @jit(reduction=True)
 def _rows_backward_item(phase, s, dy2, x2, dx2, B, R, J, mask2, masked, mean, chunk_dy,
                         chunk_dy_dev, coefficients):
     """Chunk j of row-group v (s = v * J + j), rows r0:r1, valid rows only.
 
     _ROWS_SUMS: sum(dy) and sum(dy * (x - mean)) per channel into chunk_dy[v, j],
-    chunk_dy_dev[v, j] (blocks of rows in x's dtype about mean_hi, float64 if masked or
-    overflowing). _ROWS_DX: dx = dy * c1 + (x - mean_hi) * c2 + c3 (0 in a masked row).
+    chunk_dy_dev[v, j] (:func:`_rows_backward_fast`, or float64 if masked or overflowing).
+    _ROWS_DX: see :func:`_rows_dx`. Returns _DONE.
     """
-    C = x2.shape[1]
+    if phase == _ROWS_DX:
+        _rows_dx(s, dy2, x2, dx2, B, R, J, mask2, masked, coefficients)
+        return _DONE
+    if not masked and _rows_backward_fast(phase, s, dy2, x2, dx2, B, R, J, mask2, masked, mean,
+                                          chunk_dy, chunk_dy_dev, coefficients) == _DONE:
+        return _DONE
+    C = x2.shape[1]                            # float64, valid rows only
     v, j = s // J, s % J
     r0 = v * B + j * R
-    r1 = min(r0 + R, (v + 1) * B)
     mu = mean[v]                               # (C,)
-    if phase == _ROWS_DX:
-        c1, mean_hi, c2, c3 = (coefficients[0, v], coefficients[1, v], coefficients[2, v],
-                               coefficients[3, v])
-        for n in range(r0, r1):
-            xr = x2[n]                         # (C,)
-            dr = dy2[n]
-            dxr = dx2[n]
-            if masked and not mask2[n, 0]:
-                for c in range(C):
-                    dxr[c] = 0
-                continue
-            _dx_channels(dr, xr, dxr, c1, mean_hi, c2, c3)
-        return
     s_dy = chunk_dy[v, j]                      # (C,)
     s_dy_dev = chunk_dy_dev[v, j]
     for c in range(C):
         s_dy[c] = 0.0
         s_dy_dev[c] = 0.0
-    exact = masked
-    if not masked:
-        mean_hi = np.empty(C, x2.dtype)        # (C,)
-        b1 = np.empty(C, x2.dtype)             # (C,) block sums
-        b2 = np.empty(C, x2.dtype)
+    for n in range(r0, min(r0 + R, (v + 1) * B)):
+        if masked and not mask2[n, 0]:
+            continue
+        xr = x2[n]
+        dr = dy2[n]
         for c in range(C):
-            mean_hi[c] = mu[c]
-        for n0 in range(r0, r1, _ROW_BLOCK):
-            b1[:] = 0
-            b2[:] = 0
-            for n in range(n0, min(n0 + _ROW_BLOCK, r1)):
-                xr = x2[n]
-                dr = dy2[n]
-                for c in range(C):
-                    b1[c] += dr[c]
-                    b2[c] += dr[c] * (xr[c] - mean_hi[c])
-            for c in range(C):
-                s_dy[c] += b1[c]
-                s_dy_dev[c] += b2[c]
-        total = 0.0
-        for c in range(C):                     # about the mean, not mean_hi
-            s_dy_dev[c] -= (mu[c] - np.float64(mean_hi[c])) * s_dy[c]
-            total += s_dy[c] + s_dy_dev[c]
-        exact = not np.isfinite(total)
-        if exact:
-            for c in range(C):
-                s_dy[c] = 0.0
-                s_dy_dev[c] = 0.0
-    if exact:
-        for n in range(r0, r1):
-            if masked and not mask2[n, 0]:
-                continue
-            xr = x2[n]
-            dr = dy2[n]
-            for c in range(C):
-                d = np.float64(dr[c])
-                s_dy[c] += d
-                s_dy_dev[c] += d * (np.float64(xr[c]) - mu[c])
+            d = np.float64(dr[c])
+            s_dy[c] += d
+            s_dy_dev[c] += d * (np.float64(xr[c]) - mu[c])
+    return _DONE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -957,7 +1023,10 @@ def _forward_columns_loop(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4
     coef = np.empty((3, V, G), x4.dtype)       # (3, V, C) mean_hi, scale, shift in x's dtype
     first = _ROWS_APPLY if mode == APPLY_ONLY else _CHUNK_STATS
     last = _MERGE if mode == STATS_ONLY else _ROWS_APPLY
+    todo = np.zeros(V * J, np.bool_)           # (V * J,) items left to the float64 loops
     for phase in range(first, last + 1):
+        if _any(todo):
+            return True
         if phase == _ROWS_APPLY:
             for v in range(V):
                 for c in range(G):
@@ -974,8 +1043,9 @@ def _forward_columns_loop(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4
             if phase == _MERGE:
                 _merge_chunks(s, blocks, J, chunk_count, chunk_mean, chunk_m2, mean, var)
             else:
-                _rows_item(phase, s, x2, y2, B, R, J, mask2, masked, centered, chunk_count,
-                           chunk_mean, chunk_m2, coef)
+                todo[s] = _rows_item(phase, s, x2, y2, B, R, J, mask2, masked, centered,
+                                     chunk_count, chunk_mean, chunk_m2, coef) != _DONE
+    return _any(todo)
 
 
 forward_planes_serial, forward_planes_parallel = serial_and_parallel(_forward_planes_loop)
@@ -985,6 +1055,7 @@ forward_planes_serial, forward_planes_parallel = serial_and_parallel(_forward_pl
 fast_forward_planes = serial_and_parallel(_forward_planes_loop, "fast",
                                           _plane_forward_item=_plane_forward_fast)
 forward_columns_serial, forward_columns_parallel = serial_and_parallel(_forward_columns_loop)
+fast_forward_columns = serial_and_parallel(_forward_columns_loop, "fast", _rows_item=_rows_fast)
 
 
 @jit()
@@ -1080,19 +1151,26 @@ def _backward_columns_loop(dy4, x4, B, gamma2, mean, var, count, eps, centered, 
     part_dy = np.zeros((V, J, G))              # (V, J, C) per chunk
     part_dy_dev = np.zeros((V, J, G))
     coefficients = np.empty((4, V, G), x4.dtype)   # dx's c1, mean_hi, c2, c3 (V, C)
+    todo = np.zeros(V * J, np.bool_)           # (V * J,) items left to the float64 loops
     for phase in range(_ROWS_SUMS, _ROWS_DX + 1, 2):
         if phase == _ROWS_DX:
+            if _any(todo):
+                return True
             _rows_coefficients(gamma2, mean, var, count, eps, centered, frozen, part_dy,
                                part_dy_dev, coefficients, dgamma2, dbeta2)
         for item in prange(V * J):
-            _rows_backward_item(phase, np.int64(item), dy2, x2, dx2, B, R, J, mask2, masked,
-                                mean, part_dy, part_dy_dev, coefficients)
+            todo[item] = _rows_backward_item(phase, np.int64(item), dy2, x2, dx2, B, R, J,
+                                             mask2, masked, mean, part_dy, part_dy_dev,
+                                             coefficients) != _DONE
+    return False
 
 
 backward_planes_serial, backward_planes_parallel = serial_and_parallel(_backward_planes_loop)
 fast_backward_planes = serial_and_parallel(_backward_planes_loop, "fast",
                                            _plane_backward_item=_plane_backward_fast)
 backward_columns_serial, backward_columns_parallel = serial_and_parallel(_backward_columns_loop)
+fast_backward_columns = serial_and_parallel(_backward_columns_loop, "fast",
+                                            _rows_backward_item=_rows_backward_fast)
 
 
 @jit()
@@ -1130,29 +1208,29 @@ def by_size(x, serial, parallel):
     return parallel if x.size >= PARALLEL_MIN_SIZE else serial
 
 
-def _run(x4, B, masked, planes, fast_planes, columns, args):
-    """Call the one driver of a layout a Python call takes, serial or parallel by size (so a
-    first call compiles only the work items its layout runs). Planes: an unmasked call runs the
-    fast driver first, and the full one only if the fast one left items to the float64 loops
-    (the full one then computes every item again, from scratch)."""
-    if x4.shape[2] * x4.shape[3] == 1 and B > 1:
-        by_size(x4, *columns)(*args)
-    elif masked or by_size(x4, *fast_planes)(*args):
-        by_size(x4, *planes)(*args)
+def _run(x4, B, masked, planes, columns, args):
+    """Call the drivers of the layout a Python call takes, serial or parallel by size (so a
+    first call compiles only the work items its layout runs): ``planes``, ``columns`` are
+    (full twins, fast twins). An unmasked call runs the fast driver first, and the full one only
+    if the fast one left items to the float64 loops (the full one then computes every item
+    again, from scratch)."""
+    full, fast = columns if x4.shape[2] * x4.shape[3] == 1 and B > 1 else planes
+    if masked or by_size(x4, *fast)(*args):
+        by_size(x4, *full)(*args)
 
 
 def run_forward(x4, B, gamma2, beta2, eps, centered, mask2, masked, *rest):
     """:func:`forward` from Python, compiling only the drivers this layout and size take."""
-    _run(x4, B, masked, (forward_planes_serial, forward_planes_parallel), fast_forward_planes,
-         (forward_columns_serial, forward_columns_parallel),
+    _run(x4, B, masked, ((forward_planes_serial, forward_planes_parallel), fast_forward_planes),
+         ((forward_columns_serial, forward_columns_parallel), fast_forward_columns),
          (x4, B, gamma2, beta2, eps, centered, mask2, masked, *rest))
 
 
 def run_backward(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2, masked,
                  *rest):
     """:func:`backward` from Python, compiling only the drivers this layout and size take."""
-    _run(x4, B, masked, (backward_planes_serial, backward_planes_parallel), fast_backward_planes,
-         (backward_columns_serial, backward_columns_parallel),
+    _run(x4, B, masked, ((backward_planes_serial, backward_planes_parallel), fast_backward_planes),
+         ((backward_columns_serial, backward_columns_parallel), fast_backward_columns),
          (dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2, masked, *rest))
 
 
