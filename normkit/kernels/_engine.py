@@ -651,15 +651,35 @@ def _plane_backward_item(item, dy3, x3, dx3, B, K, L, gamma2, mean, var, count, 
 # Columns: chunks of whole rows, every channel at once; x2 (N, C), C = G, K = L = 1
 # ---------------------------------------------------------------------------------------------
 
+@jit(inline=True)
+def _chunk(s, B, R, J):
+    """Work item s = v * J + j of the columns drivers: (v, j, r0, r1), chunk j of row-group v
+    covering rows r0:r1."""
+    v, j = s // J, s % J
+    r0 = v * B + j * R
+    return v, j, r0, min(r0 + R, (v + 1) * B)
+
+
+@jit(reduction=True, inline=True)
+def _start_chunk(chunk_count, chunk_mean, chunk_m2, v, j, rows):
+    """chunk_count[v, j] = rows; the chunk's mean and M2 (C,) zeroed and returned."""
+    chunk_count[v, j] = rows
+    mean = chunk_mean[v, j]                    # (C,)
+    m2 = chunk_m2[v, j]
+    for c in range(mean.size):
+        mean[c] = 0.0
+        m2[c] = 0.0
+    return mean, m2
+
+
 @jit(reduction=True, inline=True)
 def _rows_apply(s, x2, y2, B, R, J, mask2, masked, coef):
     """_ROWS_APPLY of chunk j of row-group v (s = v * J + j): y = (x - mean_hi) * scale + shift
     with coef[:, v] = (mean_hi, scale, shift) (C,) in x's dtype (0 in a masked row)."""
     C = x2.shape[1]
-    v, j = s // J, s % J
-    r0 = v * B + j * R
+    v, j, r0, r1 = _chunk(s, B, R, J)
     mean_hi, scale, shift = coef[0, v], coef[1, v], coef[2, v]     # (C,)
-    for n in range(r0, min(r0 + R, (v + 1) * B)):
+    for n in range(r0, r1):
         xr = x2[n]                             # (C,)
         yr = y2[n]
         if masked and not mask2[n, 0]:
@@ -690,18 +710,9 @@ def _rows_fast(phase, s, x2, y2, B, R, J, mask2, masked, centered, chunk_count, 
         _rows_apply(s, x2, y2, B, R, J, mask2, False, coef)
         return _DONE
     C = x2.shape[1]
-    v, j = s // J, s % J
-    r0 = v * B + j * R
-    r1 = min(r0 + R, (v + 1) * B)
-    rows = r1 - r0
-    chunk_count[v, j] = rows
-    mean = chunk_mean[v, j]                    # (C,) the chunk's mean
-    m2 = chunk_m2[v, j]
-    for c in range(C):
-        mean[c] = 0.0
-        m2[c] = 0.0
-    if rows == 0:
-        return _DONE
+    v, j, r0, r1 = _chunk(s, B, R, J)
+    rows = r1 - r0                             # >= 1: every row is valid
+    mean, m2 = _start_chunk(chunk_count, chunk_mean, chunk_m2, v, j, rows)    # (C,)
     s1 = np.zeros(C)
     b1 = np.empty(C, x2.dtype)                 # (C,) block sums
     b2 = np.empty(C, x2.dtype)
@@ -756,21 +767,15 @@ def _rows_item(phase, s, x2, y2, B, R, J, mask2, masked, centered, chunk_count, 
                                  chunk_count, chunk_mean, chunk_m2, coef) == _DONE:
         return _DONE
     C = x2.shape[1]                            # float64 throughout, valid rows only
-    v, j = s // J, s % J
-    r0 = v * B + j * R
-    r1 = min(r0 + R, (v + 1) * B)
+    v, j, r0, r1 = _chunk(s, B, R, J)
     rows = r1 - r0
     if masked:
         rows = 0
         for n in range(r0, r1):
             if mask2[n, 0]:
                 rows += 1
-    chunk_count[v, j] = rows
-    mean = chunk_mean[v, j]                    # (C,) the shift, then the chunk's mean
-    m2 = chunk_m2[v, j]
-    for c in range(C):
-        mean[c] = 0.0
-        m2[c] = 0.0
+    # (C,) the shift, then the chunk's mean; M2
+    mean, m2 = _start_chunk(chunk_count, chunk_mean, chunk_m2, v, j, rows)
     if rows == 0:
         return _DONE
     s1 = np.zeros(C)
@@ -862,11 +867,10 @@ def _rows_dx(s, dy2, x2, dx2, B, R, J, mask2, masked, coefficients):
     """_ROWS_DX of chunk j of row-group v (s = v * J + j): dx = dy * c1 + (x - mean_hi) * c2 +
     c3 with coefficients[:, v] = (c1, mean_hi, c2, c3) (C,) (0 in a masked row)."""
     C = x2.shape[1]
-    v, j = s // J, s % J
-    r0 = v * B + j * R
+    v, j, r0, r1 = _chunk(s, B, R, J)
     c1, mean_hi, c2, c3 = (coefficients[0, v], coefficients[1, v], coefficients[2, v],
                            coefficients[3, v])
-    for n in range(r0, min(r0 + R, (v + 1) * B)):
+    for n in range(r0, r1):
         xr = x2[n]                             # (C,)
         dr = dy2[n]
         dxr = dx2[n]
@@ -887,9 +891,7 @@ def _rows_backward_fast(phase, s, dy2, x2, dx2, B, R, J, mask2, masked, mean, ch
         _rows_dx(s, dy2, x2, dx2, B, R, J, mask2, False, coefficients)
         return _DONE
     C = x2.shape[1]
-    v, j = s // J, s % J
-    r0 = v * B + j * R
-    r1 = min(r0 + R, (v + 1) * B)
+    v, j, r0, r1 = _chunk(s, B, R, J)
     mu = mean[v]                               # (C,)
     s_dy = chunk_dy[v, j]                      # (C,)
     s_dy_dev = chunk_dy_dev[v, j]
@@ -936,15 +938,14 @@ def _rows_backward_item(phase, s, dy2, x2, dx2, B, R, J, mask2, masked, mean, ch
                                           chunk_dy, chunk_dy_dev, coefficients) == _DONE:
         return _DONE
     C = x2.shape[1]                            # float64, valid rows only
-    v, j = s // J, s % J
-    r0 = v * B + j * R
+    v, j, r0, r1 = _chunk(s, B, R, J)
     mu = mean[v]                               # (C,)
     s_dy = chunk_dy[v, j]                      # (C,)
     s_dy_dev = chunk_dy_dev[v, j]
     for c in range(C):
         s_dy[c] = 0.0
         s_dy_dev[c] = 0.0
-    for n in range(r0, min(r0 + R, (v + 1) * B)):
+    for n in range(r0, r1):
         if masked and not mask2[n, 0]:
             continue
         xr = x2[n]
