@@ -169,6 +169,43 @@ def check_out(out, shape: tuple, dtype: np.dtype, *inputs: np.ndarray) -> np.nda
 _UNCHECKED = (None,)
 
 
+class _Arrays(dict):
+    """A norm's ``params``, ``grads`` or ``state``: a dict that notes in ``changed`` when an
+    entry is set or removed, so the norm checks its arrays again only then."""
+
+    __slots__ = ("changed",)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.changed = True
+
+    def __setitem__(self, key, value):
+        self.changed = True
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self.changed = True
+        super().__delitem__(key)
+
+    def __reduce__(self):                      # a copy starts changed: its norm checks it
+        return type(self), (dict(self),)
+
+    def __ior__(self, other):
+        self.changed = True
+        return super().__ior__(other)
+
+    def _changing(name):
+        def method(self, *args, **kwargs):
+            self.changed = True
+            return getattr(dict, name)(self, *args, **kwargs)
+        method.__name__ = name
+        return method
+
+    pop, popitem, clear, update, setdefault = map(
+        _changing, ("pop", "popitem", "clear", "update", "setdefault"))
+    del _changing
+
+
 class Norm:
     """Base class: ``forward(x, training)``, ``backward(dy)``, ``params``, ``grads``, ``state``.
 
@@ -199,9 +236,9 @@ class Norm:
 
     def __init__(self, dtype=np.float32):
         self.dtype = _check_dtype(dtype)
-        self.params: dict[str, np.ndarray] = {}
-        self.grads: dict[str, np.ndarray] = {}
-        self.state: dict[str, np.ndarray] = {}
+        self.params: dict[str, np.ndarray] = _Arrays()
+        self.grads: dict[str, np.ndarray] = _Arrays()
+        self.state: dict[str, np.ndarray] = _Arrays()
         self._saved = None                     # what backward needs, from the last forward
         self._known: tuple = _UNCHECKED        # the params/grads/state arrays last checked
         self._plans: dict = {}                 # (x.shape, training) checked -> self._plan(x)
@@ -211,6 +248,8 @@ class Norm:
         if name[0] != "_" and name not in self._per_call_settings:
             self.__dict__["_plans"] = {}       # check every signature again with the new setting
             self.__dict__["_known"] = _UNCHECKED   # and rebuild the views of params and state
+            if name in ("params", "grads", "state") and not isinstance(value, _Arrays):
+                value = _Arrays(value)         # a dict assigned whole: watched as the norm's own
         object.__setattr__(self, name, value)
 
     # copy.deepcopy and pickle copy a view as an array of its own, cut off from the array it
@@ -323,9 +362,14 @@ class Norm:
     def _check_owned(self) -> None:
         """Every params/grads/state array still has the shape and dtype the kernels index with
         (an array replaced from outside is checked once, then trusted while it stays)."""
-        current = (*self.params.values(), *self.grads.values(), *self.state.values())
+        params, grads, state = self.params, self.grads, self.state
+        if not (params.changed or grads.changed or state.changed) \
+                and self._known is not _UNCHECKED:
+            return                             # no entry set since the last check
+        current = (*params.values(), *grads.values(), *state.values())
         known = self._known                    # the arrays themselves: an id could be reused
         if len(current) == len(known) and all(map(operator.is_, current, known)):
+            params.changed = grads.changed = state.changed = False
             return
         if not hasattr(self, "_spec"):
             self._spec = {("params", k): (v.shape, v.dtype) for k, v in self.params.items()}
@@ -341,8 +385,9 @@ class Norm:
                     f"{where}[{key!r}] must be a writeable C-contiguous {dtype} array of shape "
                     f"{shape}, got {got}; write into the array (a[...] = value) instead of "
                     f"replacing it")
-        self._known = current
         self._refresh_views()
+        self._known = current
+        params.changed = grads.changed = state.changed = False
 
     def _refresh_views(self) -> None:
         """Views of the params/state arrays for the kernels, made when ``_check_owned`` accepts

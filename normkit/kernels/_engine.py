@@ -130,6 +130,15 @@ def _extreme(x, mean, var, count):
     return abs(mean) + np.sqrt(var * max(count, 1.0)) > limit
 
 
+@jit(inline=True)
+def _means_hi(like, mean, var, count, mean_hi):
+    """mean_hi (C,) in like's dtype: each group's mean (C,) rounded, or 0 where x - mean could
+    overflow (:func:`_extreme`)."""
+    for c in range(mean_hi.size):
+        hi = _cast_like(like, mean[c])
+        mean_hi[c] = _cast_like(like, 0.0) if _extreme(like, mean[c], var[c], count) else hi
+
+
 @jit()
 def _chunk_rows(B, C, itemsize):
     """Rows per chunk of the columns driver: about _CHUNK_BYTES, at least 8, at most B."""
@@ -804,24 +813,49 @@ def _rows_item(phase, s, x2, y2, B, R, J, mask2, masked, centered, chunk_count, 
 def _merge_chunks(s, blocks, J, chunk_count, chunk_mean, chunk_m2, mean, var):
     """Channels of block b of row-group v (s = v * blocks + b): merge the chunks' (count, mean,
     M2) in order j = 0, 1, ... (Chan et al.: with delta = mean_j - mean, mean += delta * n_j / n,
-    M2 += M2_j + delta^2 * n_prev * n_j / n), then var = M2 / count (biased)."""
+    M2 += M2_j + delta^2 * n_prev * n_j / n), then var = M2 / count (biased). M2 is summed in
+    var; the counts are per chunk, so the weights are computed once per chunk."""
     C = mean.shape[1]
     v, b = s // blocks, s % blocks
-    for c in range(b * _MERGE_BLOCK, min((b + 1) * _MERGE_BLOCK, C)):
-        n = 0.0
-        m = 0.0
-        m2 = 0.0
-        for j in range(J):
-            n_j = chunk_count[v, j]
-            if n_j == 0:
-                continue
-            total = n + n_j
-            delta = chunk_mean[v, j, c] - m
-            m += delta * (n_j / total)
-            m2 += chunk_m2[v, j, c] + delta * delta * (n * n_j / total)
-            n = total
-        mean[v, c] = m
-        var[v, c] = m2 / n if n > 0 else 0.0
+    c0, c1 = b * _MERGE_BLOCK, min((b + 1) * _MERGE_BLOCK, C)
+    m = mean[v, c0:c1]                         # (block,)
+    m2 = var[v, c0:c1]
+    m[:] = 0.0
+    m2[:] = 0.0
+    n = 0.0
+    for j in range(J):
+        n_j = chunk_count[v, j]
+        if n_j == 0:
+            continue
+        total = n + n_j
+        weight = n_j / total
+        weight2 = n * n_j / total
+        m_j = chunk_mean[v, j, c0:c1]
+        m2_j = chunk_m2[v, j, c0:c1]
+        for c in range(m.size):
+            delta = m_j[c] - m[c]
+            m[c] += delta * weight
+            m2[c] += m2_j[c] + delta * delta * weight2
+        n = total
+    for c in range(m.size):
+        m2[c] = m2[c] / n if n > 0 else 0.0
+
+
+@jit()
+def _apply_coefficients(x4, gamma2, beta2, mean, var, count, eps, coef):
+    """y = (x - mean_hi) * scale + shift per (v, c): coef[0..2] = (mean_hi, scale, shift)
+    (V, C) in x's dtype, scale = gamma / sqrt(var + eps), shift = beta - (mean - mean_hi) *
+    scale (mean_hi: :func:`_means_hi`). Channels innermost, as in :func:`_rows_coefficients`."""
+    V, C = mean.shape
+    scale = np.empty(C)                        # (C,) float64
+    for v in range(V):
+        mean_hi, scale_lo, shift = coef[0, v], coef[1, v], coef[2, v]     # (C,)
+        _means_hi(x4, mean[v], var[v], count[v], mean_hi)
+        for c in range(C):
+            scale[c] = gamma2[c, 0] / np.sqrt(var[v, c] + eps)
+        for c in range(C):
+            scale_lo[c] = scale[c]
+            shift[c] = beta2[c, 0] - (mean[v, c] - np.float64(mean_hi[c])) * scale[c]
 
 
 @jit()
@@ -830,36 +864,53 @@ def _rows_coefficients(gamma2, mean, var, count, eps, centered, frozen, chunk_dy
     """From the chunk sums chunk_dy, chunk_dy_dev (V, J, C) of dy and dy * (x - mean), added
     in order: dbeta and dgamma (C, 1) float64 (summed over the row-groups v in order), and
     dx = dy * c1 + (x - mean_hi) * c2 + c3 per (v, c): coefficients[0..3] = (c1, mean_hi, c2,
-    c3) (V, C) in x's dtype."""
+    c3) (V, C) in x's dtype. The channels are the inner loops, square roots and divisions in
+    loops of their own, so that they vectorize (a small batch spends its time here)."""
     V, J, C = chunk_dy.shape
+    s_dy = np.empty(C)                         # (C,) sums over the chunks of row-group v
+    s_dy_dev = np.empty(C)
+    inv_std = np.empty(C)
     for c in range(C):
         dbeta2[c, 0] = 0.0
         dgamma2[c, 0] = 0.0
     for v in range(V):
         per_value = 1.0 / count[v] if count[v] > 0 else 0.0
+        s_dy[:] = 0.0
+        s_dy_dev[:] = 0.0
+        for j in range(J):
+            _add_into(s_dy, chunk_dy[v, j])
+            _add_into(s_dy_dev, chunk_dy_dev[v, j])
+        _inv_std(var[v], eps, inv_std)
+        c1, mean_hi, c2, c3 = (coefficients[0, v], coefficients[1, v], coefficients[2, v],
+                               coefficients[3, v])     # (C,)
+        _means_hi(coefficients, mean[v], var[v], count[v], mean_hi)
         for c in range(C):
-            s_dy = 0.0
-            s_dy_dev = 0.0
-            for j in range(J):
-                s_dy += chunk_dy[v, j, c]
-                s_dy_dev += chunk_dy_dev[v, j, c]
-            inv_std = 1.0 / np.sqrt(var[v, c] + eps)
             gamma = np.float64(gamma2[c, 0])
-            dbeta2[c, 0] += s_dy
-            dgamma2[c, 0] += s_dy_dev * inv_std
-            c2 = 0.0
-            c3 = 0.0
+            dbeta2[c, 0] += s_dy[c]
+            dgamma2[c, 0] += s_dy_dev[c] * inv_std[c]
+            slope = 0.0
+            shift = 0.0
             if not frozen:
-                c2 = -inv_std * inv_std * inv_std * gamma * s_dy_dev * per_value
+                slope = -inv_std[c] * inv_std[c] * inv_std[c] * gamma * s_dy_dev[c] * per_value
                 if centered:
-                    c3 = -inv_std * gamma * s_dy * per_value
-            mean_hi = _cast_like(coefficients, mean[v, c])
-            if _extreme(coefficients, mean[v, c], var[v, c], count[v]):
-                mean_hi = _cast_like(coefficients, 0.0)    # x - mean could overflow
-            coefficients[0, v, c] = gamma * inv_std
-            coefficients[1, v, c] = mean_hi
-            coefficients[2, v, c] = c2
-            coefficients[3, v, c] = c3 - (mean[v, c] - np.float64(mean_hi)) * c2
+                    shift = -inv_std[c] * gamma * s_dy[c] * per_value
+            c1[c] = gamma * inv_std[c]
+            c2[c] = slope
+            c3[c] = shift - (mean[v, c] - np.float64(mean_hi[c])) * slope
+
+
+@jit(inline=True)
+def _add_into(acc, a):
+    """acc += a elementwise; (C,)."""
+    for c in range(acc.size):
+        acc[c] += a[c]
+
+
+@jit(inline=True)
+def _inv_std(var, eps, inv_std):
+    """inv_std = 1 / sqrt(var + eps) elementwise; (C,)."""
+    for c in range(inv_std.size):
+        inv_std[c] = 1.0 / np.sqrt(var[c] + eps)
 
 
 @jit(reduction=True, inline=True)
@@ -1029,15 +1080,7 @@ def _forward_columns_loop(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4
         if _any(todo):
             return True
         if phase == _ROWS_APPLY:
-            for v in range(V):
-                for c in range(G):
-                    scale = gamma2[c, 0] / np.sqrt(var[v, c] + eps)
-                    mean_hi = _cast_like(x4, mean[v, c])
-                    if _extreme(x4, mean[v, c], var[v, c], count[v]):
-                        mean_hi = _cast_like(x4, 0.0)  # x - mean could overflow: x * scale + ...
-                    coef[0, v, c] = mean_hi
-                    coef[1, v, c] = scale
-                    coef[2, v, c] = beta2[c, 0] - (mean[v, c] - np.float64(mean_hi)) * scale
+            _apply_coefficients(x4, gamma2, beta2, mean, var, count, eps, coef)
         items = V * blocks if phase == _MERGE else V * J
         for item in prange(items):
             s = np.int64(item)
@@ -1209,29 +1252,32 @@ def by_size(x, serial, parallel):
     return parallel if x.size >= PARALLEL_MIN_SIZE else serial
 
 
-def _run(x4, B, masked, planes, columns, args):
+def _run(drivers, x4, B, masked, args):
     """Call the drivers of the layout a Python call takes, serial or parallel by size (so a
-    first call compiles only the work items its layout runs): ``planes``, ``columns`` are
-    (full twins, fast twins). An unmasked call runs the fast driver first, and the full one only
-    if the fast one left items to the float64 loops (the full one then computes every item
-    again, from scratch)."""
-    full, fast = columns if x4.shape[2] * x4.shape[3] == 1 and B > 1 else planes
+    first call compiles only the work items its layout runs): ``drivers`` is ((planes full,
+    planes fast), (columns full, columns fast)), each a (serial, parallel) pair. An unmasked
+    call runs the fast driver first, and the full one only if the fast one left items to the
+    float64 loops (the full one then computes every item again, from scratch)."""
+    full, fast = drivers[x4.shape[2] * x4.shape[3] == 1 and B > 1]
     if masked or by_size(x4, *fast)(*args):
         by_size(x4, *full)(*args)
 
 
+_FORWARD = (((forward_planes_serial, forward_planes_parallel), fast_forward_planes),
+            ((forward_columns_serial, forward_columns_parallel), fast_forward_columns))
+_BACKWARD = (((backward_planes_serial, backward_planes_parallel), fast_backward_planes),
+             ((backward_columns_serial, backward_columns_parallel), fast_backward_columns))
+
+
 def run_forward(x4, B, gamma2, beta2, eps, centered, mask2, masked, *rest):
     """:func:`forward` from Python, compiling only the drivers this layout and size take."""
-    _run(x4, B, masked, ((forward_planes_serial, forward_planes_parallel), fast_forward_planes),
-         ((forward_columns_serial, forward_columns_parallel), fast_forward_columns),
-         (x4, B, gamma2, beta2, eps, centered, mask2, masked, *rest))
+    _run(_FORWARD, x4, B, masked, (x4, B, gamma2, beta2, eps, centered, mask2, masked, *rest))
 
 
 def run_backward(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2, masked,
                  *rest):
     """:func:`backward` from Python, compiling only the drivers this layout and size take."""
-    _run(x4, B, masked, ((backward_planes_serial, backward_planes_parallel), fast_backward_planes),
-         ((backward_columns_serial, backward_columns_parallel), fast_backward_columns),
+    _run(_BACKWARD, x4, B, masked,
          (dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2, masked, *rest))
 
 
