@@ -101,7 +101,7 @@ def jit(*, parallel: bool = False, reduction: bool = False, inline: bool = False
     return decorate
 
 
-def serial_and_parallel(loop, variant: str = "", **replace):
+def serial_and_parallel(loop, variant: str = "", *, reduction: bool = False, **replace):
     """Two compiled twins of one driver whose outer loops are ``prange``: (serial, parallel).
 
     The serial twin runs on the calling thread (``prange`` acts as ``range``) and compiles
@@ -110,6 +110,8 @@ def serial_and_parallel(loop, variant: str = "", **replace):
     compiled from its own copy of the function under its own name, so their caches stay apart.
     ``variant`` names a copy that sees the globals in ``replace`` (name=function) instead of
     the module's (the same driver over other work items); the module's globals are read now.
+    ``reduction``: compile with the reduction flags (:func:`jit`), as the work items inlined
+    into the driver need.
     """
     twins = []
     names = loop.__globals__ if not replace else {**loop.__globals__, **replace}
@@ -120,7 +122,7 @@ def serial_and_parallel(loop, variant: str = "", **replace):
         clone.__qualname__ = f"{prefix}_{suffix}"
         clone.__module__ = loop.__module__
         clone.__doc__ = loop.__doc__
-        twins.append(jit(parallel=parallel)(clone))
+        twins.append(jit(parallel=parallel, reduction=reduction)(clone))
     return tuple(twins)
 
 
