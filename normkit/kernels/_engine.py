@@ -62,12 +62,13 @@ same as the full driver's bit for bit.
 
 Compile cost: Numba links a jitted callee's optimized code into each caller and optimizes and
 compiles it again there, so a work item compiled on its own costs its LLVM work twice. The
-planes items are therefore inlined into their drivers at Numba IR level (``inline=True``; the
-planes drivers take the items' reduction flags), which saves about 0.6 s of the first batch
-norm's 8 s. So are the columns drivers' coefficient loops (:func:`_apply_coefficients`,
-:func:`_rows_coefficients`: about 1.2 s of a first (N, C) batch norm in float32 and float64).
-The columns work items stay functions of their own: with the reduction flags on the columns
-drivers, masked float64 results moved by 1 ulp.
+planes items are therefore inlined at Numba IR level (``inline=True``) into the serial twins of
+their drivers (which take the items' reduction flags), as are the columns drivers' coefficient
+loops (:func:`_apply_coefficients`, :func:`_rows_coefficients`). The threaded twins call them
+as functions of their own (``serial_and_parallel(..., serial_inline=True)``): Numba's parallel
+passes cost more on the larger loop body than inlining saves there. The columns work items
+stay functions of their own in both twins: with the reduction flags on the columns drivers,
+masked float64 results moved by 1 ulp.
 """
 from __future__ import annotations
 
@@ -1088,15 +1089,18 @@ def _forward_columns_loop(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4
     return _any(todo)
 
 
-forward_planes_serial, forward_planes_parallel = serial_and_parallel(_forward_planes_loop,
-                                                                     reduction=True)
+forward_planes_serial, forward_planes_parallel = serial_and_parallel(
+    _forward_planes_loop, reduction=True, serial_inline=True)
 # The same driver over the fast items only: a call with no mask runs it first and the one above
 # only when it returns True (values near the dtype's maximum), so a first call compiles no
 # float64 loops.
 fast_forward_planes = serial_and_parallel(_forward_planes_loop, "fast", reduction=True,
+                                          serial_inline=True,
                                           _plane_forward_item=_plane_forward_fast)
-forward_columns_serial, forward_columns_parallel = serial_and_parallel(_forward_columns_loop)
-fast_forward_columns = serial_and_parallel(_forward_columns_loop, "fast", _rows_item=_rows_fast)
+forward_columns_serial, forward_columns_parallel = serial_and_parallel(_forward_columns_loop,
+                                                                       serial_inline=True)
+fast_forward_columns = serial_and_parallel(_forward_columns_loop, "fast", serial_inline=True,
+                                           _rows_item=_rows_fast)
 
 
 @jit()
@@ -1206,12 +1210,14 @@ def _backward_columns_loop(dy4, x4, B, gamma2, mean, var, count, eps, centered, 
     return False
 
 
-backward_planes_serial, backward_planes_parallel = serial_and_parallel(_backward_planes_loop,
-                                                                       reduction=True)
+backward_planes_serial, backward_planes_parallel = serial_and_parallel(
+    _backward_planes_loop, reduction=True, serial_inline=True)
 fast_backward_planes = serial_and_parallel(_backward_planes_loop, "fast", reduction=True,
+                                           serial_inline=True,
                                            _plane_backward_item=_plane_backward_fast)
-backward_columns_serial, backward_columns_parallel = serial_and_parallel(_backward_columns_loop)
-fast_backward_columns = serial_and_parallel(_backward_columns_loop, "fast",
+backward_columns_serial, backward_columns_parallel = serial_and_parallel(_backward_columns_loop,
+                                                                         serial_inline=True)
+fast_backward_columns = serial_and_parallel(_backward_columns_loop, "fast", serial_inline=True,
                                             _rows_backward_item=_rows_backward_fast)
 
 

@@ -101,7 +101,8 @@ def jit(*, parallel: bool = False, reduction: bool = False, inline: bool = False
     return decorate
 
 
-def serial_and_parallel(loop, variant: str = "", *, reduction: bool = False, **replace):
+def serial_and_parallel(loop, variant: str = "", *, reduction: bool = False,
+                        serial_inline: bool = False, **replace):
     """Two compiled twins of one driver whose outer loops are ``prange``: (serial, parallel).
 
     The serial twin runs on the calling thread (``prange`` acts as ``range``) and compiles
@@ -111,19 +112,53 @@ def serial_and_parallel(loop, variant: str = "", *, reduction: bool = False, **r
     ``variant`` names a copy that sees the globals in ``replace`` (name=function) instead of
     the module's (the same driver over other work items); the module's globals are read now.
     ``reduction``: compile with the reduction flags (:func:`jit`), as the work items inlined
-    into the driver need.
+    into the driver need. ``serial_inline``: the functions marked ``inline=True`` that the
+    driver calls are inlined into the serial twin only; the parallel twin calls them as
+    functions of their own (:func:`_outlined`, with their own flags; the twin then compiles
+    without the reduction flags), because Numba's parallel passes cost more on the larger loop
+    body than inlining saves.
     """
-    twins = []
     names = loop.__globals__ if not replace else {**loop.__globals__, **replace}
+    outlined = {name: _outlined(names[name]) for name in loop.__code__.co_names
+                if serial_inline and _is_inlined(names.get(name))}
     prefix = f"{loop.__name__}_{variant}" if variant else loop.__name__
-    for suffix, parallel in (("serial", False), ("parallel", True)):
-        clone = types.FunctionType(loop.__code__, names, f"{prefix}_{suffix}",
+    twins = []
+    for suffix, parallel, globals_ in (("serial", False, names),
+                                       ("parallel", True, {**names, **outlined})):
+        clone = types.FunctionType(loop.__code__, globals_, f"{prefix}_{suffix}",
                                    loop.__defaults__, loop.__closure__)
         clone.__qualname__ = f"{prefix}_{suffix}"
         clone.__module__ = loop.__module__
         clone.__doc__ = loop.__doc__
-        twins.append(jit(parallel=parallel, reduction=reduction)(clone))
+        flags = reduction and not (parallel and serial_inline)
+        twins.append(jit(parallel=parallel, reduction=flags)(clone))
     return tuple(twins)
+
+
+def _is_inlined(value) -> bool:
+    return (isinstance(value, numba.core.dispatcher.Dispatcher)
+            and value.targetoptions.get("inline") == "always")
+
+
+_OUTLINED: dict = {}
+
+
+def _outlined(dispatcher):
+    """``dispatcher``'s function compiled as a callee of its own (not inlined), with its own
+    flags, under the name ``<name>_outlined`` (one per function: the drivers share it)."""
+    if dispatcher not in _OUTLINED:
+        function = dispatcher.py_func
+        clone = types.FunctionType(function.__code__, function.__globals__,
+                                   f"{function.__name__}_outlined", function.__defaults__,
+                                   function.__closure__)
+        clone.__qualname__ = f"{function.__qualname__}_outlined"
+        clone.__module__ = function.__module__
+        clone.__doc__ = function.__doc__
+        options = {key: value for key, value in dispatcher.targetoptions.items()
+                   if key != "nopython"}        # njit sets it, and warns when it is given
+        options["inline"] = "never"
+        _OUTLINED[dispatcher] = _unliteral_call_template(numba.njit(**options)(clone))
+    return _OUTLINED[dispatcher]
 
 
 def _jitted_sources(package: pathlib.Path) -> list[pathlib.Path]:
