@@ -1197,12 +1197,20 @@ class Stat(str):
 EMPTY_CELLS = frozenset({"", "—", "-"})
 
 
+def _portable(value: float) -> float:
+    """``value`` to 12 significant digits: NumPy's log, exp and friends take CPU-specific SIMD
+    paths whose results differ in the last bits, and a table's CSV must be the same on every
+    machine that computes it from the same runs.csv."""
+    return float(f"{value:.12g}")
+
+
 def numeric_table(table: Any) -> Any | None:
     """The long, numeric form of a table with :class:`Stat` cells, for its CSV: one row per
     cell, the row labels, the column label(s) (named by the table's column index, else
-    ``column``), then ``mean, std, n, diverged, failed`` and ``note`` (a cell that is text, such
-    as "n/a", or a plain number such as a published reference, which goes into ``mean``).
-    Empty cells ("—") are left out. None if the table has no Stat cell."""
+    ``column``), then ``mean, std`` (to 12 significant digits, :func:`_portable`), ``n,
+    diverged, failed`` and ``note`` (a cell that is text, such as "n/a", or a plain number such
+    as a published reference, which goes into ``mean``). Empty cells ("—") are left out. None
+    if the table has no Stat cell."""
     import pandas as pd
 
     flat = table if (isinstance(table.index, pd.RangeIndex) and table.index.name is None) \
@@ -1230,8 +1238,8 @@ def numeric_table(table: Any) -> Any | None:
             entry = dict(mean=math.nan, std=math.nan, n=math.nan, diverged=math.nan,
                          failed=math.nan, note="")
             if isinstance(cell, Stat):
-                entry.update(mean=cell.mean, std=cell.std, n=cell.n, diverged=cell.diverged,
-                             failed=cell.failed)
+                entry.update(mean=_portable(cell.mean), std=_portable(cell.std), n=cell.n,
+                             diverged=cell.diverged, failed=cell.failed)
             elif isinstance(cell, numbers.Real) and not isinstance(cell, bool):
                 if math.isnan(float(cell)):
                     continue
