@@ -2,6 +2,8 @@
 extreme values, and the faults that used to crash or read out of bounds."""
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -321,6 +323,41 @@ def test_a_replaced_state_array_of_the_wrong_size_is_refused():
     with pytest.raises(ValueError, match=r"params\['gamma'\]"):
         norm.backward(np.ones_like(x))
 
+
+
+@pytest.mark.parametrize("replace", [
+    lambda d, a: d.update(running_mean=a),
+    lambda d, a: d.__ior__({"running_mean": a}),
+    lambda d, a: (d.pop("running_mean"), d.setdefault("running_mean", a)),
+    lambda d, a: (d.clear(), d.update({"running_mean": a}))],
+    ids=["update", "ior", "pop-setdefault", "clear-update"])
+def test_a_state_array_replaced_by_any_dict_method_is_refused(replace):
+    """Norm skips its array checks while no entry of params/grads/state was set: every way of
+    setting one must count (a wrong array must never reach the kernels)."""
+    norm = normkit.make("batch", 4)
+    x = np.ones((3, 4), F32)
+    x[0] = 2
+    norm.forward(x, training=True)
+    norm.forward(x, training=True)             # checked once, then trusted
+    replace(norm.state, np.zeros(2, F32))
+    with pytest.raises(ValueError, match=r"state\['running_mean'\] must be a writeable"):
+        norm.forward(x, training=True)
+
+
+def test_params_assigned_whole_or_copied_are_checked_again():
+    norm = normkit.make("batch", 4)
+    x = np.ones((3, 4), F32)
+    x[0] = 2
+    norm.forward(x, training=True)
+    norm.params = {"gamma": np.ones(5, F32), "beta": np.zeros(4, F32)}   # a plain dict
+    with pytest.raises(ValueError, match=r"params\['gamma'\]"):
+        norm.forward(x, training=True)
+    norm.params = {"gamma": np.full(4, 2, F32), "beta": np.zeros(4, F32)}
+    y = norm.forward(x, training=True)
+    copy_ = pickle.loads(pickle.dumps(norm))
+    copy_.params["gamma"][...] = 3                 # the copy's own arrays, not the original's
+    np.testing.assert_array_equal(norm.forward(x, training=True), y)
+    np.testing.assert_allclose(copy_.forward(x, training=True), 1.5 * y, rtol=1e-6)
 
 def test_public_kernels_check_the_shapes_they_index():
     x = np.ones((4, 3), F32)
