@@ -679,16 +679,21 @@ def _chunk(s, B, R, J):
     return v, j, r0, min(r0 + R, (v + 1) * B)
 
 
+@jit(inline=True)
+def _zeroed(a, b, v, j):
+    """a[v, j] and b[v, j] (C,) of (V, J, C) per-chunk arrays, zeroed and returned."""
+    a_vj, b_vj = a[v, j], b[v, j]
+    for c in range(a_vj.size):
+        a_vj[c] = 0.0
+        b_vj[c] = 0.0
+    return a_vj, b_vj
+
+
 @jit(reduction=True, inline=True)
 def _start_chunk(chunk_count, chunk_mean, chunk_m2, v, j, rows):
     """chunk_count[v, j] = rows; the chunk's mean and M2 (C,) zeroed and returned."""
     chunk_count[v, j] = rows
-    mean = chunk_mean[v, j]                    # (C,)
-    m2 = chunk_m2[v, j]
-    for c in range(mean.size):
-        mean[c] = 0.0
-        m2[c] = 0.0
-    return mean, m2
+    return _zeroed(chunk_mean, chunk_m2, v, j)
 
 
 @jit(reduction=True, inline=True)
@@ -941,11 +946,7 @@ def _rows_backward_fast(phase, s, dy2, x2, dx2, B, R, J, mask2, masked, mean, ch
     C = x2.shape[1]
     v, j, r0, r1 = _chunk(s, B, R, J)
     mu = mean[v]                               # (C,)
-    s_dy = chunk_dy[v, j]                      # (C,)
-    s_dy_dev = chunk_dy_dev[v, j]
-    for c in range(C):
-        s_dy[c] = 0.0
-        s_dy_dev[c] = 0.0
+    s_dy, s_dy_dev = _zeroed(chunk_dy, chunk_dy_dev, v, j)     # (C,)
     mean_hi = np.empty(C, x2.dtype)            # (C,)
     b1 = np.empty(C, x2.dtype)                 # (C,) block sums
     b2 = np.empty(C, x2.dtype)
@@ -988,11 +989,7 @@ def _rows_backward_item(phase, s, dy2, x2, dx2, B, R, J, mask2, masked, mean, ch
     C = x2.shape[1]                            # float64, valid rows only
     v, j, r0, r1 = _chunk(s, B, R, J)
     mu = mean[v]                               # (C,)
-    s_dy = chunk_dy[v, j]                      # (C,)
-    s_dy_dev = chunk_dy_dev[v, j]
-    for c in range(C):
-        s_dy[c] = 0.0
-        s_dy_dev[c] = 0.0
+    s_dy, s_dy_dev = _zeroed(chunk_dy, chunk_dy_dev, v, j)     # (C,)
     for n in range(r0, r1):
         if masked and not mask2[n, 0]:
             continue
