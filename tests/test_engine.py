@@ -273,9 +273,12 @@ def test_fast_drivers_leave_to_the_full_ones_exactly_what_needs_float64(layout, 
             "columns": (_engine.forward_columns_serial, _engine.backward_columns_serial)}[layout]
     fast = {"planes": (_engine.fast_forward_planes[0], _engine.fast_backward_planes[0]),
             "columns": (_engine.fast_forward_columns[0], _engine.fast_backward_columns[0])}[layout]
+    # the drivers take count filled (run_forward fills it) and the planes backward its scratch
+    work = (_engine._planes_work(x, N),) if layout == "planes" else ()
     results = {}
     for how in ("run", "full", "fast"):
-        y, mean, var, count = np.empty_like(x), np.empty((1, G)), np.empty((1, G)), np.empty(1)
+        y, mean, var = np.empty_like(x), np.empty((1, G)), np.empty((1, G))
+        count = np.full(1, np.nan) if how == "run" else np.full(1, float(N * K * L))
         dx, dgamma, dbeta = np.empty_like(x), np.empty((G, K)), np.empty((G, K))
         fwd = (x, N, gamma2, beta2, 1e-5, True, _engine.NO_MASK, False, y, mean, var, count,
                _engine.STATS_AND_APPLY)
@@ -287,11 +290,11 @@ def test_fast_drivers_leave_to_the_full_ones_exactly_what_needs_float64(layout, 
                 _engine.run_backward(*bwd)
             elif how == "full":
                 full[0](*fwd)
-                full[1](*bwd)
+                full[1](*bwd, *work)
             else:                              # backward with the full driver's statistics
                 full_mean, full_var = results["full"][1:3]
                 bwd = bwd[:4] + (full_mean, full_var) + bwd[6:]
-                results["asked"] = (bool(fast[0](*fwd)), bool(fast[1](*bwd)))
+                results["asked"] = (bool(fast[0](*fwd)), bool(fast[1](*bwd, *work)))
                 continue
         results[how] = (y, mean, var, dx, dgamma, dbeta)
     for run, expected in zip(results["run"], results["full"]):

@@ -52,6 +52,14 @@ from Python and so compile only that one (a first batch norm on images never com
 columns code). Jitted callers take ``forward``/``backward`` (all four) or
 ``forward_serial``/``backward_serial``.
 
+Shapes are checked once per call, by whoever calls a driver: the jitted entry points
+(:func:`forward`, :func:`backward` and their ``_serial`` forms, which the public kernels call)
+check what the drivers index with (ValueError naming the argument) and count the valid values;
+:func:`run_forward`/:func:`run_backward` (the ``Norm`` classes, which check x, mask and out in
+Python and build every other array themselves) do not, so a first call from a ``Norm``
+compiles no checks. The drivers allocate nothing either: the planes backward takes its scratch
+from its caller (:func:`_planes_work`), so no NumPy allocation code is compiled into them.
+
 A work item runs its fast path (in x's dtype, unmasked, no overflow) and falls back to float64
 loops where it cannot (a masked call, sums that overflow x's dtype; planes: x - mean that
 could). Every driver also exists over the fast paths alone (``fast_forward_planes``,
@@ -76,7 +84,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic, overload, register_jitable
 
 from ._jit import jit, serial_and_parallel
 
@@ -602,38 +610,45 @@ def _plane_backward_group_fast(v, g, dy3, x3, dx3, B, K, L, gamma2, mean, var, c
     return True
 
 
+@jit(inline=True)
+def _chunk_sums(work, j, g):
+    """The (K,) rows of item (j, g) in the planes backward's work (4, chunks, G, K): its chunk's
+    sums of dy and dy (x - mean) / std, zeroed, and scratch for one group's sums."""
+    sum_dy, sum_dy_dev = work[0, j, g], work[1, j, g]
+    for k in range(sum_dy.size):
+        sum_dy[k] = 0.0
+        sum_dy_dev[k] = 0.0
+    return sum_dy, sum_dy_dev, work[2, j, g], work[3, j, g]
+
+
 @jit(reduction=True, inline=True)
 def _plane_backward_fast(item, dy3, x3, dx3, B, K, L, gamma2, mean, var, count, eps, centered,
-                         frozen, mask2, masked, chunk_groups, part_dy, part_dy_dev, stream):
+                         frozen, mask2, masked, chunk_groups, work, stream):
     """:func:`_plane_backward_item` of an unmasked call in x's dtype; returns _NEEDS_STATS as
     soon as one of its groups needs the float64 loops (its sums are then incomplete)."""
     G = x3.shape[1]
     j, g = item // G, item % G
     V = x3.shape[0] // B
-    group_dy = np.empty(K)                     # (K,) one group's sums
-    group_dy_dev = np.empty(K)
+    sum_dy, sum_dy_dev, group_dy, group_dy_dev = _chunk_sums(work, j, g)
     for v in range(j * chunk_groups, min((j + 1) * chunk_groups, V)):
         if not _plane_backward_group_fast(v, g, dy3, x3, dx3, B, K, L, gamma2, mean, var, count,
-                                          eps, centered, frozen, mask2, part_dy[j, g],
-                                          part_dy_dev[j, g], group_dy, group_dy_dev, stream):
+                                          eps, centered, frozen, mask2, sum_dy, sum_dy_dev,
+                                          group_dy, group_dy_dev, stream):
             return _NEEDS_STATS
     return _DONE
 
 
 @jit(reduction=True, inline=True)
 def _plane_backward_item(item, dy3, x3, dx3, B, K, L, gamma2, mean, var, count, eps, centered,
-                         frozen, mask2, masked, chunk_groups, part_dy, part_dy_dev, stream):
+                         frozen, mask2, masked, chunk_groups, work, stream):
     """Groups (v, g) for v in chunk j = item // G: dx (0 where masked), and the chunk's partial
-    dbeta and dgamma per channel into part_dy[j, g], part_dy_dev[j, g] (K,): each group through
+    dbeta and dgamma per channel into work[0, j, g], work[1, j, g] (K,): each group through
     :func:`_plane_backward_group_fast` or, where it cannot, in float64 over the valid
     positions. Returns _DONE."""
     G = x3.shape[1]
     j, g = item // G, item % G
     V = x3.shape[0] // B
-    sum_dy = part_dy[j, g]                     # (K,) this chunk's sums, added to per group
-    sum_dy_dev = part_dy_dev[j, g]
-    group_dy = np.empty(K)                     # (K,) one group's sums
-    group_dy_dev = np.empty(K)
+    sum_dy, sum_dy_dev, group_dy, group_dy_dev = _chunk_sums(work, j, g)
     for v in range(j * chunk_groups, min((j + 1) * chunk_groups, V)):
         if not masked and _plane_backward_group_fast(v, g, dy3, x3, dx3, B, K, L, gamma2, mean,
                                                      var, count, eps, centered, frozen, mask2,
@@ -1019,36 +1034,35 @@ def _check_forward(x4, B, gamma2, beta2, mask2, masked, y4, mean, var, count):
     count_valid(mask2, masked, B, K, x4.shape[3], count)
 
 
-@jit()
-def _any(flags):
-    """Whether any of the bool array ``flags`` is set."""
-    for i in range(flags.size):
-        if flags[i]:
-            return True
-    return False
-
-
-@jit()
+@register_jitable
 def _is_columns(x4, B):
-    """The columns driver's layout: one value per (row, group) and groups over B > 1 rows."""
+    """The columns driver's layout: one value per (row, group) and groups over B > 1 rows (a
+    plain function in Python, compiled into jitted callers)."""
     return x4.shape[2] * x4.shape[3] == 1 and B > 1
+
+
+@register_jitable
+def _planes_work(x4, B):
+    """Scratch of the planes backward, (4, chunks, G, K) float64 (:func:`_chunk_sums`; chunks
+    of row-groups, at most _MAX_CHUNKS), allocated by the driver's caller: in Python that
+    compiles no allocation code."""
+    return np.empty((4, min(x4.shape[0] // B, _MAX_CHUNKS), x4.shape[1], x4.shape[2]))
 
 
 def _forward_planes_loop(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var,
                          count, mode):
     """:func:`forward` on the planes layout (a work item per row-group and group)."""
     N, G, K, L = x4.shape
-    _check_forward(x4, B, gamma2, beta2, mask2, masked, y4, mean, var, count)
     stream = _streams(y4)
     V = N // B
     x3 = x4.reshape((N, G, K * L))
     y3 = y4.reshape((N, G, K * L))
-    todo = np.zeros(V * G, np.bool_)           # (V * G,) items left to the float64 loops
+    todo = 0                                   # items left to the float64 loops
     for item in prange(V * G):
-        todo[item] = _plane_forward_item(np.int64(item), x3, y3, B, K, L, gamma2, beta2, eps,
-                                         centered, mask2, masked, mean, var, count, mode,
-                                         stream) != _DONE
-    return _any(todo)
+        todo += _plane_forward_item(np.int64(item), x3, y3, B, K, L, gamma2, beta2, eps,
+                                    centered, mask2, masked, mean, var, count, mode,
+                                    stream) != _DONE
+    return todo > 0
 
 
 def _forward_columns_loop(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var,
@@ -1056,7 +1070,6 @@ def _forward_columns_loop(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4
     """:func:`forward` on the columns layout (x4 (N, C, 1, 1), B > 1): chunks of rows, their
     statistics merged per channel, then the rows normalized, in phases."""
     N, G, K, L = x4.shape
-    _check_forward(x4, B, gamma2, beta2, mask2, masked, y4, mean, var, count)
     V = N // B
     x2 = x4.reshape((N, G * K * L))            # rows of the columns driver: (N, C)
     y2 = y4.reshape((N, G * K * L))
@@ -1069,9 +1082,9 @@ def _forward_columns_loop(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4
     coef = np.empty((3, V, G), x4.dtype)       # (3, V, C) mean_hi, scale, shift in x's dtype
     first = _ROWS_APPLY if mode == APPLY_ONLY else _CHUNK_STATS
     last = _MERGE if mode == STATS_ONLY else _ROWS_APPLY
-    todo = np.zeros(V * J, np.bool_)           # (V * J,) items left to the float64 loops
+    todo = 0                                   # items left to the float64 loops
     for phase in range(first, last + 1):
-        if _any(todo):
+        if todo > 0:
             return True
         if phase == _ROWS_APPLY:
             _apply_coefficients(gamma2, beta2, mean, var, count, eps, coef)
@@ -1081,9 +1094,9 @@ def _forward_columns_loop(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4
             if phase == _MERGE:
                 _merge_chunks(s, blocks, J, chunk_count, chunk_mean, chunk_m2, mean, var)
             else:
-                todo[s] = _rows_item(phase, s, x2, y2, B, R, J, mask2, masked, centered,
-                                     chunk_count, chunk_mean, chunk_m2, coef) != _DONE
-    return _any(todo)
+                todo += _rows_item(phase, s, x2, y2, B, R, J, mask2, masked, centered,
+                                   chunk_count, chunk_mean, chunk_m2, coef) != _DONE
+    return todo > 0
 
 
 forward_planes_serial, forward_planes_parallel = serial_and_parallel(
@@ -1104,6 +1117,7 @@ fast_forward_columns = serial_and_parallel(_forward_columns_loop, "fast", serial
 def forward_serial(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, count,
                    mode):
     """:func:`forward` on the calling thread (for jitted callers, e.g. the LSTM's steps)."""
+    _check_forward(x4, B, gamma2, beta2, mask2, masked, y4, mean, var, count)
     if _is_columns(x4, B):
         forward_columns_serial(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean,
                                var, count, mode)
@@ -1123,7 +1137,9 @@ def forward(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, c
     if x4.size < PARALLEL_MIN_SIZE:
         forward_serial(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var,
                        count, mode)
-    elif _is_columns(x4, B):
+        return
+    _check_forward(x4, B, gamma2, beta2, mask2, masked, y4, mean, var, count)
+    if _is_columns(x4, B):
         forward_columns_parallel(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean,
                                  var, count, mode)
     else:
@@ -1147,25 +1163,22 @@ def _check_backward(dy4, x4, B, gamma2, mean, var, count, mask2, masked, dx4, dg
 
 
 def _backward_planes_loop(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
-                          masked, dx4, dgamma2, dbeta2):
+                          masked, dx4, dgamma2, dbeta2, work):
     """:func:`backward` on the planes layout: a work item per chunk of row-groups and group,
-    its partial sums of dy and dy (x - mean) added over the chunks in order."""
+    its partial sums of dy and dy (x - mean) added over the chunks in order; ``work``
+    (:func:`_planes_work`) holds them."""
     N, G, K, L = x4.shape
-    _check_backward(dy4, x4, B, gamma2, mean, var, count, mask2, masked, dx4, dgamma2, dbeta2)
     stream = _streams(dx4)
     V = N // B
     x3 = x4.reshape((N, G, K * L))
     dy3 = dy4.reshape((N, G, K * L))
     dx3 = dx4.reshape((N, G, K * L))
-    chunks = min(V, _MAX_CHUNKS)
-    part_dy = np.zeros((chunks, G, K))         # (chunks, G, K) partial sums per chunk
-    part_dy_dev = np.zeros((chunks, G, K))
-    todo = np.zeros(chunks * G, np.bool_)      # (chunks * G,) items left to the float64 loops
+    chunks = work.shape[1]
+    todo = 0                                   # items left to the float64 loops
     for item in prange(chunks * G):
-        todo[item] = _plane_backward_item(np.int64(item), dy3, x3, dx3, B, K, L, gamma2, mean,
-                                          var, count, eps, centered, frozen, mask2, masked,
-                                          (V + chunks - 1) // chunks, part_dy, part_dy_dev,
-                                          stream) != _DONE
+        todo += _plane_backward_item(np.int64(item), dy3, x3, dx3, B, K, L, gamma2, mean, var,
+                                     count, eps, centered, frozen, mask2, masked,
+                                     (V + chunks - 1) // chunks, work, stream) != _DONE
     for g in range(G):
         for k in range(K):
             dbeta2[g, k] = 0.0
@@ -1173,9 +1186,9 @@ def _backward_planes_loop(dy4, x4, B, gamma2, mean, var, count, eps, centered, f
     for j in range(chunks):
         for g in range(G):
             for k in range(K):
-                dbeta2[g, k] += part_dy[j, g, k]
-                dgamma2[g, k] += part_dy_dev[j, g, k]
-    return _any(todo)
+                dbeta2[g, k] += work[0, j, g, k]
+                dgamma2[g, k] += work[1, j, g, k]
+    return todo > 0
 
 
 def _backward_columns_loop(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
@@ -1183,7 +1196,6 @@ def _backward_columns_loop(dy4, x4, B, gamma2, mean, var, count, eps, centered, 
     """:func:`backward` on the columns layout: per chunk of rows the sums of dy and
     dy (x - mean), the coefficients of dx (and dgamma, dbeta) from them, then dx."""
     N, G, K, L = x4.shape
-    _check_backward(dy4, x4, B, gamma2, mean, var, count, mask2, masked, dx4, dgamma2, dbeta2)
     V = N // B
     x2 = x4.reshape((N, G * K * L))            # rows of the columns driver: (N, C)
     dy2 = dy4.reshape((N, G * K * L))
@@ -1193,17 +1205,17 @@ def _backward_columns_loop(dy4, x4, B, gamma2, mean, var, count, eps, centered, 
     part_dy = np.zeros((V, J, G))              # (V, J, C) per chunk
     part_dy_dev = np.zeros((V, J, G))
     coefficients = np.empty((4, V, G), x4.dtype)   # dx's c1, mean_hi, c2, c3 (V, C)
-    todo = np.zeros(V * J, np.bool_)           # (V * J,) items left to the float64 loops
+    todo = 0                                   # items left to the float64 loops
     for phase in range(_ROWS_SUMS, _ROWS_DX + 1, 2):
         if phase == _ROWS_DX:
-            if _any(todo):
+            if todo > 0:
                 return True
             _rows_coefficients(gamma2, mean, var, count, eps, centered, frozen, part_dy,
                                part_dy_dev, coefficients, dgamma2, dbeta2)
         for item in prange(V * J):
-            todo[item] = _rows_backward_item(phase, np.int64(item), dy2, x2, dx2, B, R, J,
-                                             mask2, masked, mean, part_dy, part_dy_dev,
-                                             coefficients) != _DONE
+            todo += _rows_backward_item(phase, np.int64(item), dy2, x2, dx2, B, R, J, mask2,
+                                        masked, mean, part_dy, part_dy_dev,
+                                        coefficients) != _DONE
     return False
 
 
@@ -1222,12 +1234,13 @@ fast_backward_columns = serial_and_parallel(_backward_columns_loop, "fast", seri
 def backward_serial(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2, masked,
                     dx4, dgamma2, dbeta2):
     """:func:`backward` on the calling thread (for jitted callers, e.g. the LSTM's steps)."""
+    _check_backward(dy4, x4, B, gamma2, mean, var, count, mask2, masked, dx4, dgamma2, dbeta2)
     if _is_columns(x4, B):
         backward_columns_serial(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen,
                                 mask2, masked, dx4, dgamma2, dbeta2)
     else:
         backward_planes_serial(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen,
-                               mask2, masked, dx4, dgamma2, dbeta2)
+                               mask2, masked, dx4, dgamma2, dbeta2, _planes_work(x4, B))
 
 
 @jit()
@@ -1239,12 +1252,14 @@ def backward(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
     if x4.size < PARALLEL_MIN_SIZE:
         backward_serial(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
                         masked, dx4, dgamma2, dbeta2)
-    elif _is_columns(x4, B):
+        return
+    _check_backward(dy4, x4, B, gamma2, mean, var, count, mask2, masked, dx4, dgamma2, dbeta2)
+    if _is_columns(x4, B):
         backward_columns_parallel(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen,
                                   mask2, masked, dx4, dgamma2, dbeta2)
     else:
         backward_planes_parallel(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen,
-                                 mask2, masked, dx4, dgamma2, dbeta2)
+                                 mask2, masked, dx4, dgamma2, dbeta2, _planes_work(x4, B))
 
 
 def by_size(x, serial, parallel):
@@ -1253,13 +1268,13 @@ def by_size(x, serial, parallel):
     return parallel if x.size >= PARALLEL_MIN_SIZE else serial
 
 
-def _run(drivers, x4, B, masked, args):
+def _run(drivers, x4, masked, args):
     """Call the drivers of the layout a Python call takes, serial or parallel by size (so a
-    first call compiles only the work items its layout runs): ``drivers`` is ((planes full,
-    planes fast), (columns full, columns fast)), each a (serial, parallel) pair. An unmasked
-    call runs the fast driver first, and the full one only if the fast one left items to the
-    float64 loops (the full one then computes every item again, from scratch)."""
-    full, fast = drivers[x4.shape[2] * x4.shape[3] == 1 and B > 1]
+    first call compiles only the work items its layout runs): ``drivers`` is (full, fast) of
+    that layout, each a (serial, parallel) pair. An unmasked call runs the fast driver first,
+    and the full one only if the fast one left items to the float64 loops (the full one then
+    computes every item again, from scratch)."""
+    full, fast = drivers
     if masked or by_size(x4, *fast)(*args):
         by_size(x4, *full)(*args)
 
@@ -1270,16 +1285,32 @@ _BACKWARD = (((backward_planes_serial, backward_planes_parallel), fast_backward_
              ((backward_columns_serial, backward_columns_parallel), fast_backward_columns))
 
 
-def run_forward(x4, B, gamma2, beta2, eps, centered, mask2, masked, *rest):
-    """:func:`forward` from Python, compiling only the drivers this layout and size take."""
-    _run(_FORWARD, x4, B, masked, (x4, B, gamma2, beta2, eps, centered, mask2, masked, *rest))
+def run_forward(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, count,
+                mode):
+    """:func:`forward` from Python, compiling only the drivers this layout and size take.
+
+    Unchecked: the caller guarantees the shapes :func:`forward` checks (a ``Norm`` builds every
+    array it passes from an x, mask and out it has checked), so a first call compiles no
+    checks. count (V,) is filled here (:func:`count_valid` for a masked call).
+    """
+    if masked:
+        count_valid(mask2, True, B, x4.shape[2], x4.shape[3], count)
+    else:
+        count.fill(B * x4.shape[2] * x4.shape[3])
+    _run(_FORWARD[_is_columns(x4, B)], x4, masked,
+         (x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, count, mode))
 
 
 def run_backward(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2, masked,
-                 *rest):
-    """:func:`backward` from Python, compiling only the drivers this layout and size take."""
-    _run(_BACKWARD, x4, B, masked,
-         (dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2, masked, *rest))
+                 dx4, dgamma2, dbeta2):
+    """:func:`backward` from Python, compiling only the drivers this layout and size take;
+    unchecked, as :func:`run_forward`."""
+    args = (dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2, masked, dx4,
+            dgamma2, dbeta2)
+    if _is_columns(x4, B):
+        _run(_BACKWARD[1], x4, masked, args)
+    else:
+        _run(_BACKWARD[0], x4, masked, (*args, _planes_work(x4, B)))
 
 
 @jit()
