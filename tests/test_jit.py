@@ -4,8 +4,13 @@ from __future__ import annotations
 import pathlib
 import re
 
+import numpy as np
+import pytest
+from numba import prange
+
 import normkit
-from normkit.kernels._jit import _drop_stale_caches, _jitted_sources
+from normkit.kernels._jit import (_drop_stale_caches, _jitted_sources, _variant, jit,
+                                 serial_and_parallel)
 
 
 def test_cache_files_dropped_when_sources_change_and_kept_otherwise(tmp_path, monkeypatch):
@@ -52,3 +57,59 @@ def test_jitted_code_lives_only_where_the_cache_guard_looks():
                if re.search(r"_jit import|numba\.njit|@njit|numba import .*njit", path.read_text())}
     assert jitting, "the pattern finds no jitted module at all: it is out of date"
     assert jitting <= watched, sorted(str(p) for p in jitting - watched)
+
+
+# A toy call tree for serial_and_parallel's variants: _loop -> _middle -> _leaf reads FLAG.
+FLAG = False
+
+
+@jit(inline=True)
+def _leaf(x):
+    return x + 1.0 if FLAG else x
+
+
+@jit(inline=True)
+def _middle(x):
+    return 2.0 * _leaf(x)
+
+
+@jit()
+def _other(x):
+    return x + 10.0
+
+
+def _loop(x, out):
+    for i in prange(x.size):
+        out[i] = _middle(x[i]) + _other(x[i])
+
+
+def test_a_variant_replaces_a_global_down_the_call_tree_and_copies_only_what_reads_it():
+    x = np.arange(3.0)
+    plain, flagged = serial_and_parallel(_loop), serial_and_parallel(_loop, "flag", FLAG=True)
+    for twin in (*plain, *flagged):
+        out = np.empty(3)
+        twin(x, out)
+        expected = 2.0 * (x + 1.0 if twin in flagged else x) + x + 10.0
+        np.testing.assert_array_equal(out, expected)
+    middle, reads = _variant(_middle, {"FLAG": True}, "flag")
+    assert middle is not _middle and reads == {"FLAG"}
+    assert _variant(_other, {"FLAG": True}, "flag") == (_other, frozenset())
+    # another variant replacing what _middle reads by the same value shares its copy
+    assert _variant(_middle, {"FLAG": True, "unread": 1}, "other")[0] is middle
+    with pytest.raises(ValueError, match="names two different replacements"):
+        _variant(_middle, {"FLAG": 2}, "flag")
+
+
+def test_rows_drivers_are_the_planes_drivers_over_the_layer_norm_branches():
+    from normkit.kernels import _engine
+
+    x4 = np.empty((6, 1, 10, 1))               # layer norm rows: L == 1
+    assert _engine._layout(x4, 1) == _engine._ROWS_LAYOUT
+    assert _engine._layout(np.empty((6, 3, 1, 5)), 6) == _engine._PLANES_LAYOUT
+    assert _engine._layout(np.empty((6, 3, 1, 1)), 6) == _engine._COLUMNS_LAYOUT
+    for driver, rows in ((_engine.fast_forward_rows[0], True),
+                         (_engine.fast_forward_planes[0], False),
+                         (_engine.forward_rows_serial, True)):
+        item = driver.py_func.__globals__["_plane_forward_item"]
+        normalize = item.py_func.__globals__["_normalize_group"]
+        assert normalize.py_func.__globals__["_ROWS"] is rows

@@ -39,17 +39,23 @@ Two layouts share those formulas, one result per group whatever the number of th
 group is reduced by one thread in a fixed order, so serial and parallel runs agree bit for bit):
 
 - *planes* (``K * L > 1`` or ``B == 1``): a work item is a group; each of its rows is one
-  contiguous run x4[n, g] of K * L values (a channel plane, a layer-norm row).
+  contiguous run x4[n, g] of K * L values (a channel plane; with L == 1, a layer-norm row).
 - *columns* (``K * L == 1`` and ``B > 1``: batch norm of (N, C), channels-last, recurrent): a
   channel's values are C apart, so an item takes a fixed chunk of whole rows (contiguous, every
   channel) and computes each channel's count, mean and M2; the chunks of a row-group are merged
   in chunk order (Chan et al.'s pairwise update). The chunk size depends on the shape only.
 
-Every driver takes its flags as runtime arguments, so each compiles once per dtype. The two
-layouts have separate drivers, each with a serial and a parallel twin compiled from the same
-source and picked by the input's size; ``run_forward``/``run_backward`` pick one of the four
-from Python and so compile only that one (a first batch norm on images never compiles the
-columns code). Jitted callers take ``forward``/``backward`` (all four) or
+The planes drivers exist twice, for *rows* (``L == 1``: gamma per element of the row: layer
+norm, RMS, group norm channels-last) and for channel planes (``L > 1``): the items' branches
+that differ test the module constant ``_ROWS``, which Numba reads at compile time and prunes,
+and the rows drivers are copies that see ``_ROWS = True`` (``serial_and_parallel(...,
+_ROWS=True)``). So a first batch norm on images compiles no layer-norm output code.
+
+Every driver takes its flags as runtime arguments, so each compiles once per dtype. Each
+driver has a serial and a parallel twin compiled from the same source and picked by the
+input's size; ``run_forward``/``run_backward`` pick the drivers of one layout and size from
+Python and so compile only those (a first batch norm on images never compiles the rows or the
+columns code). Jitted callers take ``forward``/``backward`` (every driver) or
 ``forward_serial``/``backward_serial``.
 
 Shapes are checked once per call, by whoever calls a driver: the jitted entry points
@@ -118,6 +124,11 @@ STREAM_MIN_BYTES = 8 << 20
 _JIT_ENABLED = not numba.config.DISABLE_JIT
 _VECTOR_BYTES = 32
 _LINE_BYTES = 64
+
+# The planes items' branches for rows (L == 1: gamma per element, a layer-norm row) or channel
+# planes (L > 1): Numba reads a global as a constant and prunes the branch not taken, so each
+# kind of planes driver compiles only its own. The rows drivers are copies that see True.
+_ROWS = False
 
 # What a work item still needs after its fast path (in x's dtype, no mask, no overflow).
 _DONE, _NEEDS_STATS, _NEEDS_Y = 0, 1, 2
@@ -377,7 +388,7 @@ def _normalize_group(s, x3, y3, B, K, L, gamma2, beta2, eps, mask2, masked, mean
                 scale64 = inv_std * gamma2[g, k]
                 for l in range(L):
                     ys[k * L + l] = (np.float64(xs[k * L + l]) - mu) * scale64 + beta2[g, k]
-        elif L == 1:                           # gamma per element of the row (layer norm)
+        elif _ROWS:                            # gamma per element of the row (layer norm)
             _affine_row(xs, ys, mean_hi, inv, lo, gamma2[g], beta2[g])
         else:
             for k in range(K):
@@ -539,7 +550,7 @@ def _dx_group(v, g, dy3, x3, dx3, B, K, L, gamma2, mu, inv_std, count, centered,
                 for l in range(L):
                     i = k * L + l
                     dxs[i] = np.float64(ds[i]) * c1 + (np.float64(xs[i]) - mu) * c2 + c3
-        elif L == 1:
+        elif _ROWS:
             _dx_row(ds, xs, dxs, gamma2[g], inv, mean_hi, x_coef, const)
         else:
             for k in range(K):
@@ -568,7 +579,7 @@ def _plane_backward_group_fast(v, g, dy3, x3, dx3, B, K, L, gamma2, mean, var, c
     n0, n1 = v * B, (v + 1) * B
     total_dy = 0.0                             # sum over the group of gamma * dy
     total_dy_dev = 0.0                         # ... of gamma * dy * (x - mean)
-    if L == 1:                                 # one pass, float64: per-element sums, totals
+    if _ROWS:                                  # one pass, float64: per-element sums, totals
         gamma = gamma2[g]                      # (K,)
         for n in range(n0, n1):
             xs = x3[n, g]                      # (K,)
@@ -1034,11 +1045,18 @@ def _check_forward(x4, B, gamma2, beta2, mask2, masked, y4, mean, var, count):
     count_valid(mask2, masked, B, K, x4.shape[3], count)
 
 
+# Layouts, each with its drivers: see the module docstring.
+_PLANES_LAYOUT, _ROWS_LAYOUT, _COLUMNS_LAYOUT = 0, 1, 2
+
+
 @register_jitable
-def _is_columns(x4, B):
-    """The columns driver's layout: one value per (row, group) and groups over B > 1 rows (a
-    plain function in Python, compiled into jitted callers)."""
-    return x4.shape[2] * x4.shape[3] == 1 and B > 1
+def _layout(x4, B):
+    """The drivers of this view (a plain function in Python, compiled into jitted callers):
+    columns for one value per (row, group) and groups over B > 1 rows, else rows for L == 1
+    (gamma per element), else planes."""
+    if x4.shape[2] * x4.shape[3] == 1 and B > 1:
+        return _COLUMNS_LAYOUT
+    return _ROWS_LAYOUT if x4.shape[3] == 1 else _PLANES_LAYOUT
 
 
 @register_jitable
@@ -1101,12 +1119,17 @@ def _forward_columns_loop(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4
 
 forward_planes_serial, forward_planes_parallel = serial_and_parallel(
     _forward_planes_loop, reduction=True, serial_inline=True)
-# The same driver over the fast items only: a call with no mask runs it first and the one above
+forward_rows_serial, forward_rows_parallel = serial_and_parallel(
+    _forward_planes_loop, "rows", reduction=True, serial_inline=True, _ROWS=True)
+# The same drivers over the fast items only: a call with no mask runs one first and the full one
 # only when it returns True (values near the dtype's maximum), so a first call compiles no
 # float64 loops.
 fast_forward_planes = serial_and_parallel(_forward_planes_loop, "fast", reduction=True,
                                           serial_inline=True,
                                           _plane_forward_item=_plane_forward_fast)
+fast_forward_rows = serial_and_parallel(_forward_planes_loop, "fast_rows", reduction=True,
+                                        serial_inline=True,
+                                        _plane_forward_item=_plane_forward_fast, _ROWS=True)
 forward_columns_serial, forward_columns_parallel = serial_and_parallel(_forward_columns_loop,
                                                                        serial_inline=True)
 fast_forward_columns = serial_and_parallel(_forward_columns_loop, "fast", serial_inline=True,
@@ -1118,9 +1141,13 @@ def forward_serial(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean,
                    mode):
     """:func:`forward` on the calling thread (for jitted callers, e.g. the LSTM's steps)."""
     _check_forward(x4, B, gamma2, beta2, mask2, masked, y4, mean, var, count)
-    if _is_columns(x4, B):
+    layout = _layout(x4, B)
+    if layout == _COLUMNS_LAYOUT:
         forward_columns_serial(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean,
                                var, count, mode)
+    elif layout == _ROWS_LAYOUT:
+        forward_rows_serial(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var,
+                            count, mode)
     else:
         forward_planes_serial(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean,
                               var, count, mode)
@@ -1139,9 +1166,13 @@ def forward(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, c
                        count, mode)
         return
     _check_forward(x4, B, gamma2, beta2, mask2, masked, y4, mean, var, count)
-    if _is_columns(x4, B):
+    layout = _layout(x4, B)
+    if layout == _COLUMNS_LAYOUT:
         forward_columns_parallel(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean,
                                  var, count, mode)
+    elif layout == _ROWS_LAYOUT:
+        forward_rows_parallel(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean,
+                              var, count, mode)
     else:
         forward_planes_parallel(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean,
                                 var, count, mode)
@@ -1221,9 +1252,14 @@ def _backward_columns_loop(dy4, x4, B, gamma2, mean, var, count, eps, centered, 
 
 backward_planes_serial, backward_planes_parallel = serial_and_parallel(
     _backward_planes_loop, reduction=True, serial_inline=True)
+backward_rows_serial, backward_rows_parallel = serial_and_parallel(
+    _backward_planes_loop, "rows", reduction=True, serial_inline=True, _ROWS=True)
 fast_backward_planes = serial_and_parallel(_backward_planes_loop, "fast", reduction=True,
                                            serial_inline=True,
                                            _plane_backward_item=_plane_backward_fast)
+fast_backward_rows = serial_and_parallel(_backward_planes_loop, "fast_rows", reduction=True,
+                                         serial_inline=True,
+                                         _plane_backward_item=_plane_backward_fast, _ROWS=True)
 backward_columns_serial, backward_columns_parallel = serial_and_parallel(_backward_columns_loop,
                                                                          serial_inline=True)
 fast_backward_columns = serial_and_parallel(_backward_columns_loop, "fast", serial_inline=True,
@@ -1235,9 +1271,13 @@ def backward_serial(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen,
                     dx4, dgamma2, dbeta2):
     """:func:`backward` on the calling thread (for jitted callers, e.g. the LSTM's steps)."""
     _check_backward(dy4, x4, B, gamma2, mean, var, count, mask2, masked, dx4, dgamma2, dbeta2)
-    if _is_columns(x4, B):
+    layout = _layout(x4, B)
+    if layout == _COLUMNS_LAYOUT:
         backward_columns_serial(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen,
                                 mask2, masked, dx4, dgamma2, dbeta2)
+    elif layout == _ROWS_LAYOUT:
+        backward_rows_serial(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen,
+                             mask2, masked, dx4, dgamma2, dbeta2, _planes_work(x4, B))
     else:
         backward_planes_serial(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen,
                                mask2, masked, dx4, dgamma2, dbeta2, _planes_work(x4, B))
@@ -1254,9 +1294,13 @@ def backward(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
                         masked, dx4, dgamma2, dbeta2)
         return
     _check_backward(dy4, x4, B, gamma2, mean, var, count, mask2, masked, dx4, dgamma2, dbeta2)
-    if _is_columns(x4, B):
+    layout = _layout(x4, B)
+    if layout == _COLUMNS_LAYOUT:
         backward_columns_parallel(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen,
                                   mask2, masked, dx4, dgamma2, dbeta2)
+    elif layout == _ROWS_LAYOUT:
+        backward_rows_parallel(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen,
+                               mask2, masked, dx4, dgamma2, dbeta2, _planes_work(x4, B))
     else:
         backward_planes_parallel(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen,
                                  mask2, masked, dx4, dgamma2, dbeta2, _planes_work(x4, B))
@@ -1279,9 +1323,12 @@ def _run(drivers, x4, masked, args):
         by_size(x4, *full)(*args)
 
 
+# (full, fast) drivers per layout (_layout), each a (serial, parallel) pair
 _FORWARD = (((forward_planes_serial, forward_planes_parallel), fast_forward_planes),
+            ((forward_rows_serial, forward_rows_parallel), fast_forward_rows),
             ((forward_columns_serial, forward_columns_parallel), fast_forward_columns))
 _BACKWARD = (((backward_planes_serial, backward_planes_parallel), fast_backward_planes),
+             ((backward_rows_serial, backward_rows_parallel), fast_backward_rows),
              ((backward_columns_serial, backward_columns_parallel), fast_backward_columns))
 
 
@@ -1297,7 +1344,7 @@ def run_forward(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, va
         count_valid(mask2, True, B, x4.shape[2], x4.shape[3], count)
     else:
         count.fill(B * x4.shape[2] * x4.shape[3])
-    _run(_FORWARD[_is_columns(x4, B)], x4, masked,
+    _run(_FORWARD[_layout(x4, B)], x4, masked,
          (x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, count, mode))
 
 
@@ -1307,10 +1354,11 @@ def run_backward(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, ma
     unchecked, as :func:`run_forward`."""
     args = (dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2, masked, dx4,
             dgamma2, dbeta2)
-    if _is_columns(x4, B):
-        _run(_BACKWARD[1], x4, masked, args)
+    layout = _layout(x4, B)
+    if layout == _COLUMNS_LAYOUT:
+        _run(_BACKWARD[layout], x4, masked, args)
     else:
-        _run(_BACKWARD[0], x4, masked, (*args, _planes_work(x4, B)))
+        _run(_BACKWARD[layout], x4, masked, (*args, _planes_work(x4, B)))
 
 
 @jit()

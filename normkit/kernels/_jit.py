@@ -109,8 +109,12 @@ def serial_and_parallel(loop, variant: str = "", *, reduction: bool = False,
     without the parallel passes; callers pick it for small inputs, where waking the thread pool
     costs more than the work, and Python callers compile only the twin they use. Each twin is
     compiled from its own copy of the function under its own name, so their caches stay apart.
-    ``variant`` names a copy that sees the globals in ``replace`` (name=function) instead of
-    the module's (the same driver over other work items); the module's globals are read now.
+
+    ``variant`` names a copy that sees the values in ``replace`` (name=value) instead of the
+    module's globals of those names, and so do the jitted functions it calls, down the call
+    tree (copies named ``<name>_<variant>`` of those that read a replaced name, directly or
+    through their callees): the same driver over other work items, or with a module constant
+    (a flag Numba reads as a compile-time constant) set otherwise. Globals are read now.
     ``reduction``: compile with the reduction flags (:func:`jit`), as the work items inlined
     into the driver need. ``serial_inline``: the functions marked ``inline=True`` that the
     driver calls are inlined into the serial twin only; the parallel twin calls them as
@@ -118,21 +122,87 @@ def serial_and_parallel(loop, variant: str = "", *, reduction: bool = False,
     without the reduction flags), because Numba's parallel passes cost more on the larger loop
     body than inlining saves.
     """
-    names = loop.__globals__ if not replace else {**loop.__globals__, **replace}
+    names = _globals_seeing(loop, replace, variant)[0] or loop.__globals__
     outlined = {name: _outlined(names[name]) for name in loop.__code__.co_names
                 if serial_inline and _is_inlined(names.get(name))}
     prefix = f"{loop.__name__}_{variant}" if variant else loop.__name__
     twins = []
     for suffix, parallel, globals_ in (("serial", False, names),
                                        ("parallel", True, {**names, **outlined})):
-        clone = types.FunctionType(loop.__code__, globals_, f"{prefix}_{suffix}",
-                                   loop.__defaults__, loop.__closure__)
-        clone.__qualname__ = f"{prefix}_{suffix}"
-        clone.__module__ = loop.__module__
-        clone.__doc__ = loop.__doc__
         flags = reduction and not (parallel and serial_inline)
-        twins.append(jit(parallel=parallel, reduction=flags)(clone))
+        twins.append(jit(parallel=parallel, reduction=flags)(
+            _renamed(loop, globals_, f"{prefix}_{suffix}")))
     return tuple(twins)
+
+
+def _renamed(function, globals_, name):
+    """A copy of the plain function ``function`` that reads ``globals_``, called ``name``."""
+    clone = types.FunctionType(function.__code__, globals_, name, function.__defaults__,
+                               function.__closure__)
+    clone.__qualname__ = name
+    clone.__module__ = function.__module__
+    clone.__doc__ = function.__doc__
+    return clone
+
+
+def _recompiled(dispatcher, globals_, name, **options):
+    """``dispatcher``'s function reading ``globals_``, compiled under ``name`` with the
+    dispatcher's options updated by ``options``."""
+    options = {**{key: value for key, value in dispatcher.targetoptions.items()
+                  if key != "nopython"}, **options}    # njit sets it, and warns when it is given
+    return _unliteral_call_template(
+        numba.njit(**options)(_renamed(dispatcher.py_func, globals_, name)))
+
+
+def _globals_seeing(function, replace, variant):
+    """The globals of the plain function ``function`` with the names in ``replace`` replaced,
+    and every jitted function it calls replaced by its copy that sees them too
+    (:func:`_variant`), or None if nothing changes; and the replaced names it reads, directly
+    or through its callees."""
+    changed, reads = {}, set()
+    for name in function.__code__.co_names:
+        value = replace[name] if name in replace else function.__globals__.get(name)
+        if _JIT_ENABLED and isinstance(value, numba.core.dispatcher.Dispatcher) \
+                or not _JIT_ENABLED and isinstance(value, types.FunctionType) \
+                and value.__module__.startswith("normkit."):
+            value, callee_reads = _variant(value, replace, variant)
+            reads |= callee_reads
+        if name in replace:
+            reads.add(name)
+        if name in replace or value is not function.__globals__.get(name):
+            changed[name] = value
+    return ({**function.__globals__, **changed} if changed else None), frozenset(reads)
+
+
+_JIT_ENABLED = not numba.config.DISABLE_JIT
+_VARIANTS: dict = {}       # (function, replace) -> (function as it reads them, names it reads)
+_COPIES: dict = {}         # (function, the replaced names it reads and their values) -> copy
+_COPY_NAMES: dict = {}     # a copy's name -> its key in _COPIES
+
+
+def _variant(function, replace, variant):
+    """``function`` (a jitted one; a plain one with NUMBA_DISABLE_JIT=1) as it reads the
+    values in ``replace``, and the replaced names it reads: a copy named
+    ``<name>_<variant>`` if it or a function it calls reads one of them, else ``function``
+    itself. Variants that replace the names it reads by the same values share one copy; a
+    copy's name must mean one replacement (it names the copy's cache files)."""
+    key = (function, frozenset(replace.items()))
+    if key not in _VARIANTS:
+        plain = function.py_func if _JIT_ENABLED else function
+        globals_, reads = _globals_seeing(plain, replace, variant)
+        copy = function
+        if globals_ is not None:
+            seen = (function, frozenset((name, replace[name]) for name in reads))
+            if seen not in _COPIES:
+                name = f"{plain.__qualname__}_{variant}"
+                if _COPY_NAMES.setdefault(name, seen) != seen:
+                    raise ValueError(f"variant {variant!r} of {plain.__qualname__} names two "
+                                     f"different replacements")
+                _COPIES[seen] = (_recompiled(function, globals_, name) if _JIT_ENABLED
+                                 else _renamed(plain, globals_, name))
+            copy = _COPIES[seen]
+        _VARIANTS[key] = copy, reads
+    return _VARIANTS[key]
 
 
 def _is_inlined(value) -> bool:
@@ -148,16 +218,9 @@ def _outlined(dispatcher):
     flags, under the name ``<name>_outlined`` (one per function: the drivers share it)."""
     if dispatcher not in _OUTLINED:
         function = dispatcher.py_func
-        clone = types.FunctionType(function.__code__, function.__globals__,
-                                   f"{function.__name__}_outlined", function.__defaults__,
-                                   function.__closure__)
-        clone.__qualname__ = f"{function.__qualname__}_outlined"
-        clone.__module__ = function.__module__
-        clone.__doc__ = function.__doc__
-        options = {key: value for key, value in dispatcher.targetoptions.items()
-                   if key != "nopython"}        # njit sets it, and warns when it is given
-        options["inline"] = "never"
-        _OUTLINED[dispatcher] = _unliteral_call_template(numba.njit(**options)(clone))
+        _OUTLINED[dispatcher] = _recompiled(dispatcher, function.__globals__,
+                                            f"{function.__qualname__}_outlined",
+                                            inline="never")
     return _OUTLINED[dispatcher]
 
 
