@@ -161,6 +161,27 @@ def check_out(out, shape: tuple, dtype: np.dtype, *inputs: np.ndarray) -> np.nda
     return out
 
 
+def _check_saved(x, x4, B, gamma2, mean, var, count, mask2, masked, dtype) -> None:
+    """The arrays of a ``saved`` that backward_saved got from its caller (not the norm's last
+    forward): the engine's backward indexes with them unchecked (``_engine.run_backward``), so
+    they must agree with one another and with x; a saved of another norm is refused."""
+    try:
+        N, G, K, L = x4.shape
+        V = N // B
+        agree = (x4.dtype == dtype and x4.flags.c_contiguous and x4.size == x.size
+                 and N % B == 0 and gamma2.shape == (G, K) and mean.shape == (V, G)
+                 and var.shape == (V, G) and count.shape == (V,)
+                 and (not masked or mask2.shape == (N, L)))
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
+        agree = False
+    if not agree:
+        raise ValueError(_FOREIGN_SAVED)
+
+
+_FOREIGN_SAVED = ("saved does not belong to this norm: pass backward_saved what this norm's "
+                  "forward_saved returned")
+
+
 # ---------------------------------------------------------------------------------------------
 # The interface
 # ---------------------------------------------------------------------------------------------
@@ -330,7 +351,13 @@ class Norm:
         if dy.shape != shape:
             raise ValueError(f"dy must have the shape of the last forward's x {shape}, got {dy.shape}")
         self._check_owned()
-        dx, grads = self._backward(dy, saved, out)
+        if saved is self._saved:
+            dx, grads = self._backward(dy, saved, out)
+        else:                                  # the caller's: it may not be this norm's at all
+            try:
+                dx, grads = self._backward(dy, saved, out)
+            except (IndexError, TypeError, AttributeError) as error:
+                raise ValueError(_FOREIGN_SAVED) from error
         return dx, {key: value.reshape(self.params[key].shape) for key, value in grads.items()}
 
     # -- checks ------------------------------------------------------------------------------
@@ -456,6 +483,8 @@ class _EngineNorm(Norm):
 
     def _run_backward(self, dy, saved, out, gamma2, frozen):
         x, x4, B, mean, var, count, mask2, masked = saved[:8]
+        if saved is not self._saved:           # a caller's saved (backward_saved): checked
+            _check_saved(x, x4, B, gamma2, mean, var, count, mask2, masked, self.dtype)
         dx = check_out(out, x.shape, self.dtype, x, dy)
         G, K = x4.shape[1], x4.shape[2]
         dgamma, dbeta = np.empty((G, K)), np.empty((G, K))

@@ -362,6 +362,31 @@ def test_params_assigned_whole_or_copied_are_checked_again():
     np.testing.assert_array_equal(norm.forward(x, training=True), y)
     np.testing.assert_allclose(copy_.forward(x, training=True), 1.5 * y, rtol=1e-6)
 
+def test_backward_saved_refuses_a_saved_of_another_norm():
+    """A Norm passes the engine arrays it built itself, unchecked (``run_backward``); a saved
+    that backward_saved gets from its caller is checked: one of another norm (other channels,
+    another layout) is refused and leaves the grads alone, and the norm's own saved of an
+    earlier forward still works."""
+    rng = _rng(5)
+    x = rng.standard_normal((4, 64, 3, 3)).astype(F32)
+    wide, narrow, layer = (normkit.make("batch", 64), normkit.make("batch", 32),
+                           normkit.make("layer", 3))
+    foreign = (wide.forward_saved(x, training=True)[1], layer.forward_saved(x, training=True)[1])
+    for saved in foreign:
+        for norm in (narrow, wide if saved is foreign[1] else layer):
+            grads = {key: value.copy() for key, value in norm.grads.items()}
+            with pytest.raises(ValueError, match="saved does not belong to this norm"):
+                norm.backward_saved(np.ones_like(x), saved)
+            for key, value in grads.items():
+                np.testing.assert_array_equal(norm.grads[key], value)
+    _, mine = wide.forward_saved(x, training=True)
+    wide.forward(x + 1, training=True)
+    dx, grads = wide.backward_saved(np.ones_like(x), mine)
+    expected = ref.batch_backward(np.ones_like(x, dtype=F64), x.astype(F64),
+                                                np.ones(64), 1e-5)
+    np.testing.assert_allclose(dx, expected[0], atol=1e-5)
+
+
 def test_public_kernels_check_the_shapes_they_index():
     x = np.ones((4, 3), F32)
     x[0] = 2
