@@ -100,16 +100,16 @@ def test_a_variant_replaces_a_global_down_the_call_tree_and_copies_only_what_rea
         _variant(_middle, {"FLAG": 2}, "flag")
 
 
-def test_rows_drivers_are_the_planes_drivers_over_the_layer_norm_branches():
+def test_fast_planes_drivers_compile_one_kind_of_branch_and_the_full_ones_both():
     from normkit.kernels import _engine
 
     x4 = np.empty((6, 1, 10, 1))               # layer norm rows: L == 1
     assert _engine._layout(x4, 1) == _engine._ROWS_LAYOUT
     assert _engine._layout(np.empty((6, 3, 1, 5)), 6) == _engine._PLANES_LAYOUT
     assert _engine._layout(np.empty((6, 3, 1, 1)), 6) == _engine._COLUMNS_LAYOUT
-    for driver, rows in ((_engine.fast_forward_rows[0], True),
-                         (_engine.fast_forward_planes[0], False),
-                         (_engine.forward_rows_serial, True)):
+    for driver, rows in ((_engine.fast_forward_rows[0], 1), (_engine.fast_forward_planes[0], 0),
+                         (_engine.forward_planes_serial, -1)):
         item = driver.py_func.__globals__["_plane_forward_item"]
         normalize = item.py_func.__globals__["_normalize_group"]
-        assert normalize.py_func.__globals__["_ROWS"] is rows
+        assert normalize.py_func.__globals__["_ROWS"] == rows
+    assert _engine._FORWARD[_engine._ROWS_LAYOUT][0] == _engine._FORWARD[_engine._PLANES_LAYOUT][0]

@@ -45,17 +45,18 @@ group is reduced by one thread in a fixed order, so serial and parallel runs agr
   channel) and computes each channel's count, mean and M2; the chunks of a row-group are merged
   in chunk order (Chan et al.'s pairwise update). The chunk size depends on the shape only.
 
-The planes drivers exist twice, for *rows* (``L == 1``: gamma per element of the row: layer
-norm, RMS, group norm channels-last) and for channel planes (``L > 1``): the items' branches
-that differ test the module constant ``_ROWS``, which Numba reads at compile time and prunes,
-and the rows drivers are copies that see ``_ROWS = True`` (``serial_and_parallel(...,
-_ROWS=True)``). So a first batch norm on images compiles no layer-norm output code.
+The fast planes drivers (below) exist twice, for *rows* (``L == 1``: gamma per element of the
+row: layer norm, RMS, group norm channels-last) and for channel planes (``L > 1``): the items'
+branches that differ test the module constant ``_ROWS``, which Numba reads at compile time and
+prunes, and the fast drivers are copies that see ``_ROWS = 1`` or ``0``
+(``serial_and_parallel(..., _ROWS=1)``); the full planes drivers take both kinds, chosen by L.
+So a first batch norm on images compiles no layer-norm output code.
 
 Every driver takes its flags as runtime arguments, so each compiles once per dtype. Each
 driver has a serial and a parallel twin compiled from the same source and picked by the
 input's size; ``run_forward``/``run_backward`` pick the drivers of one layout and size from
-Python and so compile only those (a first batch norm on images never compiles the rows or the
-columns code). Jitted callers take ``forward``/``backward`` (every driver) or
+Python and so compile only those (a first batch norm on images never compiles the layer-norm
+rows or the columns code). Jitted callers take ``forward``/``backward`` (every driver) or
 ``forward_serial``/``backward_serial``.
 
 Shapes are checked once per call, by whoever calls a driver: the jitted entry points
@@ -125,10 +126,12 @@ _JIT_ENABLED = not numba.config.DISABLE_JIT
 _VECTOR_BYTES = 32
 _LINE_BYTES = 64
 
-# The planes items' branches for rows (L == 1: gamma per element, a layer-norm row) or channel
-# planes (L > 1): Numba reads a global as a constant and prunes the branch not taken, so each
-# kind of planes driver compiles only its own. The rows drivers are copies that see True.
-_ROWS = False
+# Which of the planes items' branches a driver compiles: those for rows (1: L == 1, gamma per
+# element, a layer-norm row), for channel planes (0: L > 1), or both, chosen by L at run time
+# (-1). Numba reads a global as a constant and prunes the branches a fixed choice excludes. The
+# full drivers take both (they also serve the jitted entry points, which would otherwise compile
+# two); the fast drivers are copies that see 1 or 0, so a first call compiles one kind only.
+_ROWS = -1
 
 # What a work item still needs after its fast path (in x's dtype, no mask, no overflow).
 _DONE, _NEEDS_STATS, _NEEDS_Y = 0, 1, 2
@@ -388,7 +391,7 @@ def _normalize_group(s, x3, y3, B, K, L, gamma2, beta2, eps, mask2, masked, mean
                 scale64 = inv_std * gamma2[g, k]
                 for l in range(L):
                     ys[k * L + l] = (np.float64(xs[k * L + l]) - mu) * scale64 + beta2[g, k]
-        elif _ROWS:                            # gamma per element of the row (layer norm)
+        elif _ROWS == 1 or _ROWS == -1 and L == 1:     # gamma per element (a layer-norm row)
             _affine_row(xs, ys, mean_hi, inv, lo, gamma2[g], beta2[g])
         else:
             for k in range(K):
@@ -550,7 +553,7 @@ def _dx_group(v, g, dy3, x3, dx3, B, K, L, gamma2, mu, inv_std, count, centered,
                 for l in range(L):
                     i = k * L + l
                     dxs[i] = np.float64(ds[i]) * c1 + (np.float64(xs[i]) - mu) * c2 + c3
-        elif _ROWS:
+        elif _ROWS == 1 or _ROWS == -1 and L == 1:
             _dx_row(ds, xs, dxs, gamma2[g], inv, mean_hi, x_coef, const)
         else:
             for k in range(K):
@@ -579,7 +582,7 @@ def _plane_backward_group_fast(v, g, dy3, x3, dx3, B, K, L, gamma2, mean, var, c
     n0, n1 = v * B, (v + 1) * B
     total_dy = 0.0                             # sum over the group of gamma * dy
     total_dy_dev = 0.0                         # ... of gamma * dy * (x - mean)
-    if _ROWS:                                  # one pass, float64: per-element sums, totals
+    if _ROWS == 1 or _ROWS == -1 and L == 1:   # one pass, float64: per-element sums, totals
         gamma = gamma2[g]                      # (K,)
         for n in range(n0, n1):
             xs = x3[n, g]                      # (K,)
@@ -1119,17 +1122,15 @@ def _forward_columns_loop(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4
 
 forward_planes_serial, forward_planes_parallel = serial_and_parallel(
     _forward_planes_loop, reduction=True, serial_inline=True)
-forward_rows_serial, forward_rows_parallel = serial_and_parallel(
-    _forward_planes_loop, "rows", reduction=True, serial_inline=True, _ROWS=True)
 # The same drivers over the fast items only: a call with no mask runs one first and the full one
 # only when it returns True (values near the dtype's maximum), so a first call compiles no
 # float64 loops.
 fast_forward_planes = serial_and_parallel(_forward_planes_loop, "fast", reduction=True,
                                           serial_inline=True,
-                                          _plane_forward_item=_plane_forward_fast)
+                                          _plane_forward_item=_plane_forward_fast, _ROWS=0)
 fast_forward_rows = serial_and_parallel(_forward_planes_loop, "fast_rows", reduction=True,
                                         serial_inline=True,
-                                        _plane_forward_item=_plane_forward_fast, _ROWS=True)
+                                        _plane_forward_item=_plane_forward_fast, _ROWS=1)
 forward_columns_serial, forward_columns_parallel = serial_and_parallel(_forward_columns_loop,
                                                                        serial_inline=True)
 fast_forward_columns = serial_and_parallel(_forward_columns_loop, "fast", serial_inline=True,
@@ -1141,13 +1142,9 @@ def forward_serial(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean,
                    mode):
     """:func:`forward` on the calling thread (for jitted callers, e.g. the LSTM's steps)."""
     _check_forward(x4, B, gamma2, beta2, mask2, masked, y4, mean, var, count)
-    layout = _layout(x4, B)
-    if layout == _COLUMNS_LAYOUT:
+    if _layout(x4, B) == _COLUMNS_LAYOUT:
         forward_columns_serial(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean,
                                var, count, mode)
-    elif layout == _ROWS_LAYOUT:
-        forward_rows_serial(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var,
-                            count, mode)
     else:
         forward_planes_serial(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean,
                               var, count, mode)
@@ -1166,13 +1163,9 @@ def forward(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean, var, c
                        count, mode)
         return
     _check_forward(x4, B, gamma2, beta2, mask2, masked, y4, mean, var, count)
-    layout = _layout(x4, B)
-    if layout == _COLUMNS_LAYOUT:
+    if _layout(x4, B) == _COLUMNS_LAYOUT:
         forward_columns_parallel(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean,
                                  var, count, mode)
-    elif layout == _ROWS_LAYOUT:
-        forward_rows_parallel(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean,
-                              var, count, mode)
     else:
         forward_planes_parallel(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4, mean,
                                 var, count, mode)
@@ -1252,14 +1245,12 @@ def _backward_columns_loop(dy4, x4, B, gamma2, mean, var, count, eps, centered, 
 
 backward_planes_serial, backward_planes_parallel = serial_and_parallel(
     _backward_planes_loop, reduction=True, serial_inline=True)
-backward_rows_serial, backward_rows_parallel = serial_and_parallel(
-    _backward_planes_loop, "rows", reduction=True, serial_inline=True, _ROWS=True)
 fast_backward_planes = serial_and_parallel(_backward_planes_loop, "fast", reduction=True,
                                            serial_inline=True,
-                                           _plane_backward_item=_plane_backward_fast)
+                                           _plane_backward_item=_plane_backward_fast, _ROWS=0)
 fast_backward_rows = serial_and_parallel(_backward_planes_loop, "fast_rows", reduction=True,
                                          serial_inline=True,
-                                         _plane_backward_item=_plane_backward_fast, _ROWS=True)
+                                         _plane_backward_item=_plane_backward_fast, _ROWS=1)
 backward_columns_serial, backward_columns_parallel = serial_and_parallel(_backward_columns_loop,
                                                                          serial_inline=True)
 fast_backward_columns = serial_and_parallel(_backward_columns_loop, "fast", serial_inline=True,
@@ -1271,13 +1262,9 @@ def backward_serial(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen,
                     dx4, dgamma2, dbeta2):
     """:func:`backward` on the calling thread (for jitted callers, e.g. the LSTM's steps)."""
     _check_backward(dy4, x4, B, gamma2, mean, var, count, mask2, masked, dx4, dgamma2, dbeta2)
-    layout = _layout(x4, B)
-    if layout == _COLUMNS_LAYOUT:
+    if _layout(x4, B) == _COLUMNS_LAYOUT:
         backward_columns_serial(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen,
                                 mask2, masked, dx4, dgamma2, dbeta2)
-    elif layout == _ROWS_LAYOUT:
-        backward_rows_serial(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen,
-                             mask2, masked, dx4, dgamma2, dbeta2, _planes_work(x4, B))
     else:
         backward_planes_serial(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen,
                                mask2, masked, dx4, dgamma2, dbeta2, _planes_work(x4, B))
@@ -1294,13 +1281,9 @@ def backward(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen, mask2,
                         masked, dx4, dgamma2, dbeta2)
         return
     _check_backward(dy4, x4, B, gamma2, mean, var, count, mask2, masked, dx4, dgamma2, dbeta2)
-    layout = _layout(x4, B)
-    if layout == _COLUMNS_LAYOUT:
+    if _layout(x4, B) == _COLUMNS_LAYOUT:
         backward_columns_parallel(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen,
                                   mask2, masked, dx4, dgamma2, dbeta2)
-    elif layout == _ROWS_LAYOUT:
-        backward_rows_parallel(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen,
-                               mask2, masked, dx4, dgamma2, dbeta2, _planes_work(x4, B))
     else:
         backward_planes_parallel(dy4, x4, B, gamma2, mean, var, count, eps, centered, frozen,
                                  mask2, masked, dx4, dgamma2, dbeta2, _planes_work(x4, B))
@@ -1323,12 +1306,13 @@ def _run(drivers, x4, masked, args):
         by_size(x4, *full)(*args)
 
 
-# (full, fast) drivers per layout (_layout), each a (serial, parallel) pair
+# (full, fast) drivers per layout (_layout), each a (serial, parallel) pair: rows and planes
+# share the full planes drivers (_ROWS)
 _FORWARD = (((forward_planes_serial, forward_planes_parallel), fast_forward_planes),
-            ((forward_rows_serial, forward_rows_parallel), fast_forward_rows),
+            ((forward_planes_serial, forward_planes_parallel), fast_forward_rows),
             ((forward_columns_serial, forward_columns_parallel), fast_forward_columns))
 _BACKWARD = (((backward_planes_serial, backward_planes_parallel), fast_backward_planes),
-             ((backward_rows_serial, backward_rows_parallel), fast_backward_rows),
+             ((backward_planes_serial, backward_planes_parallel), fast_backward_rows),
              ((backward_columns_serial, backward_columns_parallel), fast_backward_columns))
 
 
