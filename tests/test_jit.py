@@ -1,8 +1,12 @@
 """The jit policy's cache guard: stale Numba caches are dropped when the sources change."""
 from __future__ import annotations
 
+import os
 import pathlib
 import re
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -113,3 +117,33 @@ def test_fast_planes_drivers_compile_one_kind_of_branch_and_the_full_ones_both()
         normalize = item.py_func.__globals__["_normalize_group"]
         assert normalize.py_func.__globals__["_ROWS"] == rows
     assert _engine._FORWARD[_engine._ROWS_LAYOUT][0] == _engine._FORWARD[_engine._PLANES_LAYOUT][0]
+
+
+def test_the_driver_variants_work_as_plain_python(tmp_path):
+    """NUMBA_DISABLE_JIT=1 runs normkit as plain Python: the fast rows and planes drivers are
+    then copies of plain functions (the variants' copies reach them too), and layer norm (rows)
+    and batch norm (planes) still agree with the reference."""
+    script = tmp_path / "plain.py"
+    script.write_text(textwrap.dedent("""
+        import numpy as np, normkit
+        from normkit import reference as ref
+        from normkit.kernels import _engine
+        assert _engine.fast_forward_rows[0].__globals__["_plane_forward_item"].__globals__[
+            "_normalize_group"].__globals__["_ROWS"] == 1
+        rng = np.random.default_rng(0)
+        for name, x in (("layer", rng.standard_normal((5, 7))),
+                        ("batch", rng.standard_normal((4, 3, 6)))):
+            norm = normkit.make(name, x.shape[-1] if name == "layer" else 3, dtype=np.float64)
+            y = norm.forward(x, training=True)
+            if name == "layer":
+                want = ref.layer_forward(x, np.ones(7), np.zeros(7), 1, 1e-5)[0]
+            else:
+                want = ref.batch_forward_train(x, np.ones(3), np.zeros(3), 1e-5)[0]
+            np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
+        print("ok")
+    """))
+    env = {**os.environ, "NUMBA_DISABLE_JIT": "1"}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ok"
