@@ -1120,17 +1120,20 @@ def _forward_columns_loop(x4, B, gamma2, beta2, eps, centered, mask2, masked, y4
     return todo > 0
 
 
-forward_planes_serial, forward_planes_parallel = serial_and_parallel(
-    _forward_planes_loop, reduction=True, serial_inline=True)
-# The same drivers over the fast items only: a call with no mask runs one first and the full one
-# only when it returns True (values near the dtype's maximum), so a first call compiles no
-# float64 loops.
-fast_forward_planes = serial_and_parallel(_forward_planes_loop, "fast", reduction=True,
-                                          serial_inline=True,
-                                          _plane_forward_item=_plane_forward_fast, _ROWS=0)
-fast_forward_rows = serial_and_parallel(_forward_planes_loop, "fast_rows", reduction=True,
-                                        serial_inline=True,
-                                        _plane_forward_item=_plane_forward_fast, _ROWS=1)
+def _planes_drivers(loop, item, fast_item):
+    """The drivers of a planes loop, each a (serial, parallel) pair: the full one (both kinds of
+    branch, :data:`_ROWS` = -1), and the same loop over the fast items only (``item``, the name
+    of the work item the loop calls, replaced by ``fast_item``) for channel planes and for rows.
+    A call with no mask runs a fast one first and the full one only when it returns True (values
+    near the dtype's maximum), so a first call compiles no float64 loops."""
+    def variant(name, **replace):
+        return serial_and_parallel(loop, name, reduction=True, serial_inline=True, **replace)
+    return (variant(""), variant("fast", **{item: fast_item}, _ROWS=0),
+            variant("fast_rows", **{item: fast_item}, _ROWS=1))
+
+
+(forward_planes_serial, forward_planes_parallel), fast_forward_planes, fast_forward_rows = \
+    _planes_drivers(_forward_planes_loop, "_plane_forward_item", _plane_forward_fast)
 forward_columns_serial, forward_columns_parallel = serial_and_parallel(_forward_columns_loop,
                                                                        serial_inline=True)
 fast_forward_columns = serial_and_parallel(_forward_columns_loop, "fast", serial_inline=True,
@@ -1243,14 +1246,8 @@ def _backward_columns_loop(dy4, x4, B, gamma2, mean, var, count, eps, centered, 
     return False
 
 
-backward_planes_serial, backward_planes_parallel = serial_and_parallel(
-    _backward_planes_loop, reduction=True, serial_inline=True)
-fast_backward_planes = serial_and_parallel(_backward_planes_loop, "fast", reduction=True,
-                                           serial_inline=True,
-                                           _plane_backward_item=_plane_backward_fast, _ROWS=0)
-fast_backward_rows = serial_and_parallel(_backward_planes_loop, "fast_rows", reduction=True,
-                                         serial_inline=True,
-                                         _plane_backward_item=_plane_backward_fast, _ROWS=1)
+(backward_planes_serial, backward_planes_parallel), fast_backward_planes, fast_backward_rows = \
+    _planes_drivers(_backward_planes_loop, "_plane_backward_item", _plane_backward_fast)
 backward_columns_serial, backward_columns_parallel = serial_and_parallel(_backward_columns_loop,
                                                                          serial_inline=True)
 fast_backward_columns = serial_and_parallel(_backward_columns_loop, "fast", serial_inline=True,
